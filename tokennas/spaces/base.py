@@ -1,0 +1,77 @@
+"""What a search space is: named categorical dimensions and a pure function from a choice to a config."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from ..config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What the data fixes about every candidate."""
+
+    img_size: int = 32
+    in_chans: int = 1
+    num_classes: int = 10
+
+
+class Space:
+    """A search space: ``dimensions(inputs)`` lists categorical choices, ``build`` maps a choice to a config.
+
+    Subclasses set ``name`` and ``description`` and implement ``dimensions`` and ``build``. Every
+    combination of choices must build a valid config, so that a sampled candidate has one encoding
+    and the cost is a pure function of it (the sampler can then be told about infeasibility).
+    """
+
+    name: str = ""
+    description: str = ""
+
+    def dimensions(self, inputs: Inputs) -> dict[str, tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def build(self, params: dict[str, Any], inputs: Inputs) -> ModelConfig:
+        raise NotImplementedError
+
+    def suggest(self, trial: Any, inputs: Inputs) -> ModelConfig:
+        """Optuna define-by-run: ask for every dimension, then build the config."""
+        params = {k: trial.suggest_categorical(k, list(v)) for k, v in self.dimensions(inputs).items()}
+        return self.build(params, inputs)
+
+    def size(self, inputs: Inputs) -> int:
+        return math.prod(len(v) for v in self.dimensions(inputs).values())
+
+    def grid(self, inputs: Inputs) -> Iterator[dict[str, Any]]:
+        dims = self.dimensions(inputs)
+        for values in itertools.product(*dims.values()):
+            yield dict(zip(dims, values))
+
+    def min_flops(self, inputs: Inputs) -> int:
+        """The smallest cost any candidate reaches, by exhaustive analytic count."""
+        return min(sum(self.build(p, inputs).flops_by_module().values()) for p in self.grid(inputs))
+
+    def baseline(self, budget: int, inputs: Inputs) -> ModelConfig | None:
+        """The largest uniform DeiT-style ViT (no pooling, no sharing) within ``budget``, for comparison."""
+        from ..models.schedule_vit import ScheduleViTConfig
+
+        best, best_flops = None, -1
+        for width, heads in ((32, 2), (64, 2), (96, 3), (128, 4), (192, 3), (256, 4), (384, 6), (768, 12)):
+            for depth in (2, 4, 6, 8, 10, 12):
+                config = ScheduleViTConfig(img_size=inputs.img_size, in_chans=inputs.in_chans,
+                                           num_classes=inputs.num_classes, patch_size=uniform_patch(inputs.img_size),
+                                           embed_dim=width, num_heads=heads, depth=depth)
+                flops = sum(config.flops_by_module().values())
+                if best_flops < flops <= budget:
+                    best, best_flops = config, flops
+        return best
+
+
+def uniform_patch(img_size: int) -> int:
+    """The DeiT-style patch for a resolution: 16 at ImageNet scale, else the divisor giving about an 8x8 grid."""
+    if img_size >= 128 and img_size % 16 == 0:
+        return 16
+    return min((p for p in range(1, img_size + 1) if img_size % p == 0), key=lambda p: abs(img_size / p - 8))
