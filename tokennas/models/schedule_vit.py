@@ -10,6 +10,7 @@ neighbouring blocks). With an identity schedule it is state-dict compatible with
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -119,7 +120,7 @@ class ScheduleViTConfig(ModelConfig):
 class ScheduleViT(nn.Module):
     """Isotropic ViT; the token schedule (pooling, attention sharing) lives in ``forward_features``."""
 
-    def __init__(self, config: ScheduleViTConfig, norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+    def __init__(self, config: ScheduleViTConfig, norm_layer=partial(nn.LayerNorm, eps=1e-6)) -> None:
         super().__init__()
         self.config = c = config
         D = c.embed_dim
