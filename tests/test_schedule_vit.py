@@ -63,7 +63,8 @@ def test_analytic_matches_fvcore_on_random_configs():
         assert sum(p.numel() for p in model.parameters()) == config.num_params(), config
 
 
-@pytest.mark.parametrize("timm_name,ours", [("deit_small_patch16_224", "deit_small"), ("deit_tiny_patch16_224", "deit_tiny")])
+@pytest.mark.parametrize("timm_name,ours", [("deit_small_patch16_224", "deit_small"),
+                                            ("deit_tiny_patch16_224", "deit_tiny")])
 def test_identity_schedule_loads_timm_weights(timm_name, ours):
     reference = timm.create_model(timm_name, pretrained=False).eval()
     model = tokennas.build_model(ours).eval()

@@ -120,9 +120,10 @@ class ScheduleViTConfig(ModelConfig):
 class ScheduleViT(nn.Module):
     """Isotropic ViT; the token schedule (pooling, attention sharing) lives in ``forward_features``."""
 
-    def __init__(self, config: ScheduleViTConfig, norm_layer=partial(nn.LayerNorm, eps=1e-6)) -> None:
+    def __init__(self, config: ScheduleViTConfig, norm_layer: type[nn.Module] | None = None) -> None:
         super().__init__()
         self.config = c = config
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)  # timm's ViT epsilon
         D = c.embed_dim
         self.num_classes = c.num_classes
         self.num_prefix_tokens = int(c.class_token)

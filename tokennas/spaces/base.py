@@ -48,7 +48,7 @@ class Space:
     def grid(self, inputs: Inputs) -> Iterator[dict[str, Any]]:
         dims = self.dimensions(inputs)
         for values in itertools.product(*dims.values()):
-            yield dict(zip(dims, values))
+            yield dict(zip(dims, values, strict=True))
 
     def min_flops(self, inputs: Inputs) -> int:
         """The smallest cost any candidate reaches, by exhaustive analytic count."""
