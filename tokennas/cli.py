@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -81,6 +82,134 @@ def spaces(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
         console.print(f"  {r['description']}")
         for dim, choices in r["dimensions"].items():
             console.print(f"  {dim}: {', '.join(map(str, choices))}")
+
+
+@app.command()
+def search(
+    space: str | None = typer.Option(None, help="Search space: psvit, hvt, ... (see `tokennas spaces`)."),
+    flops: str | None = typer.Option(None, help="Hard FLOPs (MACs) budget per image, e.g. 30M or 4G."),
+    trials: int = typer.Option(12, help="Feasible candidates to train (over-budget proposals don't count)."),
+    epochs: int = typer.Option(3, help="Training epochs per candidate (ASHA may stop weak ones sooner)."),
+    objective: str = typer.Option("acc", help="acc: best validation accuracy; pareto: accuracy up, FLOPs down."),
+    sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2 or random."),
+    scheduler: str = typer.Option("asha", help="asha (early stopping) or fifo (none)."),
+    seed: int = typer.Option(0, help="Seeds the sampler, the data split and the initialisation."),
+    dataset: str = typer.Option("fashion-mnist", help="fashion-mnist (embedded), a timm dataset name such as "
+                                "torch/cifar10, or folder (an image folder with train/ and validation/)."),
+    data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
+    img_size: int = typer.Option(32, help="Input resolution; FLOPs are counted at it."),
+    train_subset: int | None = typer.Option(None, help="Train on the first N training images (quick searches)."),
+    batch_size: int = typer.Option(128, help="Training batch size."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
+    gpus_per_trial: float | None = typer.Option(None, help="GPUs per trial, fractions allowed "
+                                                   "[default: 1 with CUDA, else 0]."),
+    cpus_per_trial: float = typer.Option(1.0, help="CPU cores per trial."),
+    time_budget: str | None = typer.Option(None, help="Stop gracefully after this long, e.g. 30m or 2h."),
+    top: int = typer.Option(5, help="How many best configs to export into best/."),
+    out: Path | None = typer.Option(None, help="Run folder [default: results/<space>-<timestamp>]."),
+    resume: Path | None = typer.Option(None, help="Continue the interrupted search in this run folder."),
+    quiet: bool = typer.Option(False, "--quiet", help="No live table."),
+) -> None:
+    """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, reports come out."""
+    from .search.driver import SearchSettings, run_search
+
+    if resume is not None:
+        if not (resume / "search.yaml").is_file():
+            raise ValueError(f"--resume {str(resume)!r} is not a tokennas run folder (no search.yaml)")
+        run_dir = run_search(None, resume=resume, progress=not quiet)
+    else:
+        if space is None or flops is None:
+            raise ValueError("--space and --flops are required (or --resume RUN_DIR)")
+        settings = SearchSettings(space=space, flops=flops, trials=trials, epochs=epochs, objective=objective,
+                                  sampler=sampler, scheduler=scheduler, seed=seed, dataset=dataset, data_dir=data_dir,
+                                  img_size=img_size, train_subset=train_subset, batch_size=batch_size, lr=lr,
+                                  gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+                                  time_budget=time_budget, top=top)
+        run_dir = run_search(settings, out=out, progress=not quiet)
+    console.print(f"results in {run_dir}: trials.csv, best/, pareto.png, report.html, summary.md")
+    console.print((run_dir / "summary.md").read_text())
+
+
+def _run_dir(path: Path) -> Path:
+    if not (path / "search.yaml").is_file() or not (path / "study.db").is_file():
+        raise ValueError(f"{str(path)!r} is not a tokennas run folder (expected search.yaml and study.db)")
+    return path
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A search's run folder."),
+    top: int = typer.Option(5, help="How many configs, best first."),
+    out: Path = typer.Option(..., help="Folder to write 01-*.yaml, 02-*.yaml... into (replaced)."),
+) -> None:
+    """Export the best configs of a search from its stored study."""
+    from .search import study as S
+    from .search.driver import load_settings
+    from .search.report import export_best
+
+    if top < 1:
+        raise ValueError(f"invalid --top {top}; expected at least 1")
+    settings = load_settings(_run_dir(run_dir))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path in export_best(S.open_study(run_dir, settings.objective), settings.objective, top, out):
+        console.print(str(path))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A search's run folder.")) -> None:
+    """Rebuild trials.csv, best/, pareto.png, report.html and summary.md from the stored study."""
+    from .search.report import write_reports
+
+    write_reports(_run_dir(run_dir))
+    console.print(f"reports rebuilt in {run_dir}")
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="A config .yaml (e.g. from best/) or a preset name."),
+    epochs: int = typer.Option(30, help="Training epochs."),
+    out: Path = typer.Option(Path("results/train"), help="Folder for metrics.json, history.csv, checkpoint.pt."),
+    dataset: str = typer.Option("fashion-mnist", help="As for `tokennas search`."),
+    data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
+    train_subset: int | None = typer.Option(None, help="Train on the first N training images."),
+    batch_size: int = typer.Option(128, help="Training batch size."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
+    seed: int = typer.Option(0, help="Seeds the data split and the initialisation."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Train a config for longer, then evaluate it once on the test split."""
+    import pandas as pd
+
+    from .config import load_config
+    from .data import Batches, load_data
+    from .train import TrainSettings, check_compatible, evaluate, fit, save_checkpoint
+
+    model_config = load_config(config)
+    if epochs < 1:
+        raise ValueError(f"invalid --epochs {epochs}; expected at least 1")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"invalid --device {device!r}; expected auto, cpu or cuda")
+    data = load_data(dataset, data_dir, model_config.img_size, train_subset, seed=seed, with_test=True)
+    check_compatible(model_config, data)
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    history = []
+
+    def on_epoch(metrics, state):
+        history.append(metrics)
+        console.print(f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
+                      f"val_acc {metrics['val_acc']:.4f}")
+
+    model, metrics = fit(model_config, data, settings, on_epoch)
+    test = evaluate(model, Batches(data.test, 256, model_config.img_size, settings.resolved_device(), shuffle=False,
+                                   stats=data.stats))
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"config": str(config), "epochs": epochs, "val_acc": metrics["val_acc"], "test_acc": test["acc"],
+              "test_loss": test["loss"], "flops": sum(model_config.flops_by_module().values()),
+              "params": model_config.num_params()}
+    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    console.print(f"test accuracy {test['acc']:.4f}; wrote {out}/metrics.json, history.csv, checkpoint.pt")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,183 @@
+"""Datasets: the embedded Fashion-MNIST (Debian's IDX files), any timm dataset, or an image folder.
+
+A seeded validation split is carved from the training data; the search selects on it alone. The
+test split is read only by ``tokennas train``. Fashion-MNIST is small enough to live as one uint8
+tensor on the training device, so a batch is an index into it and never waits for a loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
+EMBEDDED = "fashion-mnist"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@dataclasses.dataclass
+class TensorSplit:
+    """Images as a uint8 tensor (N, C, H, W) and labels (N,), batched by indexing on any device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> TensorSplit:
+        return TensorSplit(self.images.to(device), self.labels.to(device))
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """Train/validation/test splits plus what they fix about a model (channels, classes)."""
+
+    name: str
+    train: object  # TensorSplit or a torch Dataset
+    val: object
+    test: object | None
+    in_chans: int
+    num_classes: int
+    img_size: int
+    stats: tuple[float, float] = FASHION_MNIST_STATS
+
+
+def _split_indices(n: int, val_size: int, train_subset: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    val, train = order[:val_size], order[val_size:]
+    if train_subset is not None:  # a quick search also validates on fewer images: half the subset, >= 1000
+        train, val = train[:train_subset], val[: max(1000, train_subset // 2)]
+    return np.sort(train), np.sort(val)
+
+
+def load_data(dataset: str = EMBEDDED, data_dir: str | Path | None = None, img_size: int = 32,
+              train_subset: int | None = None, val_fraction: float = 0.1, seed: int = 0,
+              with_test: bool = False) -> DataBundle:
+    """Load ``dataset`` with a seeded validation split; ``train_subset`` keeps the first N training images."""
+    if img_size < 8:
+        raise ValueError(f"invalid --img-size {img_size}; expected at least 8")
+    if train_subset is not None and train_subset < 10:
+        raise ValueError(f"invalid --train-subset {train_subset}; expected at least 10 images")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"invalid validation fraction {val_fraction}; expected a number between 0 and 1")
+    if dataset == EMBEDDED:
+        return _fashion_mnist(Path(data_dir) if data_dir else FASHION_MNIST_DIR, img_size, train_subset,
+                              val_fraction, seed, with_test)
+    return _timm_dataset(dataset, data_dir, img_size, train_subset, val_fraction, seed, with_test)
+
+
+def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
+    def load(prefix: str) -> TensorSplit:
+        files = {kind: next(iter(sorted(root.glob(f"{prefix}-{kind}-idx*-ubyte*"))), None)
+                 for kind in ("images", "labels")}
+        if None in files.values():
+            raise ValueError(f"Fashion-MNIST IDX files not found in {str(root)!r}; expected "
+                             f"{prefix}-images-idx3-ubyte.gz (apt-get install dataset-fashion-mnist)")
+        images = torch.from_numpy(read_idx(files["images"]).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
+        return TensorSplit(images, torch.from_numpy(read_idx(files["labels"]).astype(np.int64)))
+
+    full = load("train")
+    train_idx, val_idx = _split_indices(len(full), int(len(full) * val_fraction), train_subset, seed)
+    split = lambda idx: TensorSplit(full.images[idx], full.labels[idx])  # noqa: E731
+    return DataBundle(EMBEDDED, split(train_idx), split(val_idx), load("t10k") if with_test else None,
+                      in_chans=1, num_classes=10, img_size=img_size)
+
+
+def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
+    """Any timm dataset name (``torch/cifar10``...) or, with an empty name or ``folder``, an image folder."""
+    from timm.data import create_dataset, create_transform
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN
+
+    if not data_dir:
+        raise ValueError(f"dataset {name!r} needs --data-dir; only {EMBEDDED!r} is embedded")
+    root = Path(data_dir)
+    if not root.exists():
+        raise ValueError(f"--data-dir {str(root)!r} does not exist")
+    timm_name = "" if name in ("folder", "imagefolder") else name
+    try:
+        train_full = create_dataset(timm_name, root=str(root), split="train", is_training=True, download=False)
+        test = create_dataset(timm_name, root=str(root), split="validation", download=False) if with_test else None
+    except Exception as err:  # timm raises many kinds; the user needs the one line
+        raise ValueError(f"cannot open dataset {name!r} in {str(root)!r}: {str(err).splitlines()[0]}") from None
+    train_full.transform = create_transform(img_size, is_training=True)
+    eval_transform = create_transform(img_size, is_training=False)
+    if test is not None:
+        test.transform = eval_transform
+    train_idx, val_idx = _split_indices(len(train_full), max(1, int(len(train_full) * val_fraction)),
+                                        train_subset, seed)
+    val_full = create_dataset(timm_name, root=str(root), split="train", download=False)
+    val_full.transform = eval_transform
+    num_classes = _num_classes(train_full)
+    return DataBundle(name, torch.utils.data.Subset(train_full, train_idx.tolist()),
+                      torch.utils.data.Subset(val_full, val_idx.tolist()), test, in_chans=3,
+                      num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0))
+
+
+def _num_classes(dataset) -> int:
+    reader = getattr(dataset, "reader", None)
+    for holder in (reader, dataset, getattr(dataset, "parser", None)):
+        for attr in ("class_to_idx", "classes"):
+            value = getattr(holder, attr, None)
+            if value:
+                return len(value)
+    raise ValueError("cannot tell the number of classes of this dataset")
+
+
+class Batches:
+    """Iterates (images, labels) float batches at ``img_size`` on ``device``, normalised.
+
+    For a ``TensorSplit`` it indexes device-resident tensors; for a Dataset it wraps a DataLoader.
+    """
+
+    def __init__(self, split, batch_size: int, img_size: int, device: torch.device, shuffle: bool,
+                 seed: int = 0, stats: tuple[float, float] = FASHION_MNIST_STATS, augment: bool = False,
+                 num_workers: int = 0) -> None:
+        self.split, self.batch_size, self.img_size, self.device = split, batch_size, img_size, device
+        self.shuffle, self.stats, self.augment = shuffle, stats, augment
+        self.generator = torch.Generator().manual_seed(seed)
+        if isinstance(split, TensorSplit):
+            self.split = split.to(device)
+        else:
+            self.loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=shuffle,
+                                                      num_workers=num_workers, generator=self.generator,
+                                                      pin_memory=device.type == "cuda", drop_last=shuffle)
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.shuffle else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not isinstance(self.split, TensorSplit):
+            for images, labels in self.loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            return
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        mean, std = self.stats
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            images = self.split.images[idx].float().div_(255)
+            if images.shape[-1] != self.img_size:
+                images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear",
+                                       align_corners=False)
+            if self.augment:  # random horizontal flip, per image
+                flip = torch.rand(len(idx), device=self.device, generator=None) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            yield (images - mean) / std, self.split.labels[idx]

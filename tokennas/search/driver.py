@@ -1,0 +1,219 @@
+"""Run a search: validate everything first, then Optuna + Ray Tune, then the reports.
+
+Nothing is written before every input has been checked. The run folder holds ``search.yaml`` (the
+settings, which ``--resume`` reads), ``study.db`` (the Optuna study), ``ray/`` (Ray Tune's trial
+folders and checkpoints), ``search.log`` (Ray's own output) and the reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data import EMBEDDED, DataBundle, load_data
+from ..flops import format_flops, parse_flops
+from ..spaces import Inputs, get_space
+from . import study as S
+
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """Everything a search needs; stored as ``search.yaml`` in the run folder."""
+
+    space: str
+    flops: str  # the budget as typed, e.g. "30M"
+    trials: int = 12
+    epochs: int = 3
+    objective: str = "acc"
+    sampler: str = "tpe"
+    scheduler: str = "asha"
+    seed: int = 0
+    dataset: str = EMBEDDED
+    data_dir: str | None = None
+    img_size: int = 32
+    train_subset: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    gpus_per_trial: float | None = None  # None: 1 when CUDA is present, else 0
+    cpus_per_trial: float = 1.0
+    time_budget: str | None = None  # e.g. "30m"; the search stops gracefully
+    top: int = 5
+
+    @property
+    def budget(self) -> int:
+        return parse_flops(self.flops)
+
+    def validate(self) -> None:
+        """One ``ValueError`` naming the first bad option."""
+        get_space(self.space)
+        self.budget  # noqa: B018  (raises on a bad budget)
+        checks = [
+            (self.trials >= 1, f"invalid --trials {self.trials}; expected at least 1"),
+            (self.epochs >= 1, f"invalid --epochs {self.epochs}; expected at least 1"),
+            (self.objective in S.OBJECTIVES, f"invalid --objective {self.objective!r}; expected one of: "
+                                             f"{', '.join(S.OBJECTIVES)}"),
+            (self.sampler in S.SAMPLERS, f"invalid --sampler {self.sampler!r}; expected one of: "
+                                         f"{', '.join(S.SAMPLERS)}"),
+            (self.scheduler in SCHEDULERS, f"invalid --scheduler {self.scheduler!r}; expected one of: "
+                                           f"{', '.join(SCHEDULERS)}"),
+            (self.batch_size >= 1, f"invalid --batch-size {self.batch_size}; expected at least 1"),
+            (self.cpus_per_trial > 0, f"invalid --cpus-per-trial {self.cpus_per_trial}; expected > 0"),
+            (self.gpus_per_trial is None or self.gpus_per_trial >= 0,
+             f"invalid --gpus-per-trial {self.gpus_per_trial}; expected >= 0"),
+            (self.top >= 1, f"invalid --top {self.top}; expected at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h' or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = str(text).strip().lower()
+    try:
+        value = float(raw[:-1]) * units[raw[-1]] if raw[-1:] in units else float(raw)
+    except (ValueError, IndexError):
+        value = -1
+    if value <= 0:
+        raise ValueError(f"invalid --time-budget {text!r}; expected a duration such as 90s, 30m or 2h")
+    return value
+
+
+def load_settings(run_dir: Path) -> SearchSettings:
+    path = run_dir / "search.yaml"
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a tokennas run folder (no search.yaml)")
+    return SearchSettings(**yaml.safe_load(path.read_text()))
+
+
+def prepare(settings: SearchSettings) -> tuple[DataBundle, Inputs]:
+    """Check every input and load the data; raises ValueError before anything is written."""
+    settings.validate()
+    data = load_data(settings.dataset, settings.data_dir, settings.img_size, settings.train_subset,
+                     seed=settings.seed)
+    inputs = Inputs(settings.img_size, data.in_chans, data.num_classes)
+    smallest = get_space(settings.space).min_flops(inputs)
+    if smallest > settings.budget:
+        raise ValueError(f"no {settings.space} candidate fits --flops {settings.flops}: the smallest reaches "
+                         f"{format_flops(smallest)} ({smallest:,} MACs) at {settings.img_size}px")
+    return data, inputs
+
+
+def run_search(settings: SearchSettings, out: Path | None = None, resume: Path | None = None,
+               progress: bool = True) -> Path:
+    """Run (or resume) a search and write its reports; returns the run folder."""
+    if resume is not None:
+        run_dir = resume
+        settings = load_settings(run_dir)
+        data, inputs = prepare(settings)
+    else:
+        data, inputs = prepare(settings)
+        run_dir = out or Path("results") / f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(f"--out {str(run_dir)!r} already holds files; use --resume {run_dir} or another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "search.yaml").write_text(yaml.safe_dump(dataclasses.asdict(settings), sort_keys=False))
+
+    existing = S.open_study(run_dir, settings.objective) if resume is not None else None
+    offset = len(existing.trials) if existing is not None else 0  # a resumed sampler must not replay old draws
+    sampler = S.make_sampler(settings.sampler, settings.seed + offset, settings.trials)
+    study = S.open_study(run_dir, settings.objective, sampler, create=resume is None)
+    S.resume_interrupted(study)
+    remaining = settings.trials - sum(S.trained(t) for t in study.trials)
+    if remaining > 0:
+        _tune(settings, study, data, inputs, run_dir, remaining, progress)
+
+    from .report import write_reports
+
+    write_reports(run_dir)
+    return run_dir
+
+
+def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
+    """Ray Tune function trainable: one candidate, one report and checkpoint per epoch, resumable."""
+    import torch
+    from ray import tune
+
+    from ..config import config_from_dict
+    from ..train import TrainSettings, fit
+
+    torch.set_num_threads(max(1, int(params["cpus"])))
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+
+    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / "state.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    fit(config_from_dict(params["config"]), data, TrainSettings(**params["train"]), on_epoch, resume)
+
+
+def _tune(settings: SearchSettings, study, data: DataBundle, inputs: Inputs, run_dir: Path, remaining: int,
+          progress: bool) -> None:
+    import ray
+    import torch
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .progress import LiveTable
+    from .searcher import BudgetSearcher
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    log = logging.FileHandler(run_dir / "search.log")
+    for name in ("ray", "ray.tune", "ray.train"):
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [log], False
+    gpus = settings.gpus_per_trial
+    if gpus is None:
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    if gpus > 0 and not torch.cuda.is_available():
+        raise ValueError(f"--gpus-per-trial {gpus} asks for a GPU but CUDA is not available")
+    with open(run_dir / "search.log", "a") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=False, num_gpus=torch.cuda.device_count())
+    train = {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
+             "device": "cuda" if gpus > 0 else "cpu"}
+    searcher = BudgetSearcher(study, get_space(settings.space), inputs, settings.budget, settings.epochs)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=settings.epochs,
+                               grace_period=max(1, settings.epochs // 4), reduction_factor=3)
+                 if settings.scheduler == "asha" else FIFOScheduler())
+    table = LiveTable(searcher, settings, remaining, enabled=progress)
+    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=data),
+                                    {"cpu": settings.cpus_per_trial, "gpu": gpus})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"train": train, "cpus": settings.cpus_per_trial},  # merged into every suggestion
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler,
+            metric="val_acc", mode="max", num_samples=remaining, reuse_actors=True,
+            time_budget_s=parse_duration(settings.time_budget) if settings.time_budget else None),
+        run_config=tune.RunConfig(
+            name=f"tune-{len(study.trials)}", storage_path=str((run_dir / "ray").resolve()), verbose=0,
+            log_to_file=True, callbacks=[table], checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    try:
+        with table:
+            results = tuner.fit()
+        last = {r.metrics.get("trial_id"): r.metrics for r in results if r.metrics}
+        searcher.close_pending(last)
+    finally:
+        ray.shutdown()
+

@@ -1,0 +1,130 @@
+"""Train and evaluate one config: timm's optimizer factory, cosine schedule with warm-up, label smoothing.
+
+bf16 autocast on CUDA. ``fit`` calls ``on_epoch(metrics, state)`` after every epoch with a checkpoint
+state that ``fit(..., resume=state)`` continues from; the state holds only tensors and plain values,
+so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+from .config import ModelConfig, build_model, config_from_dict
+from .data import Batches, DataBundle
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How one candidate is trained."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3  # AdamW peak learning rate at batch 128, scaled linearly with the batch size
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1  # used only when there are more than 2 epochs
+    label_smoothing: float = 0.1
+    opt: str = "adamw"
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def check_compatible(config: ModelConfig, data: DataBundle) -> None:
+    """The config must take the data's channels and classes."""
+    for field in ("in_chans", "num_classes"):
+        if getattr(config, field) != getattr(data, field):
+            raise ValueError(f"config `{field}` is {getattr(config, field)} but dataset {data.name!r} has "
+                             f"{getattr(data, field)}")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy."""
+    model.eval()
+    correct, loss, seen = 0, 0.0, 0
+    device = batches.device
+    for images, labels in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        seen += len(labels)
+    return {"acc": correct / max(seen, 1), "loss": loss / max(seen, 1)}
+
+
+def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
+        on_epoch: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+        resume: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``config`` on ``data.train``, validating on ``data.val`` after every epoch."""
+    check_compatible(config, data)
+    device = settings.resolved_device()
+    torch.manual_seed(settings.seed)
+    model = build_model(config).to(device)
+    train = Batches(data.train, settings.batch_size, config.img_size, device, shuffle=True, seed=settings.seed,
+                    stats=data.stats, augment=True)
+    val = Batches(data.val, 2 * settings.batch_size, config.img_size, device, shuffle=False, stats=data.stats)
+    if len(train) == 0:
+        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
+                         f"{settings.batch_size}")
+    optimizer = create_optimizer_v2(model, opt=settings.opt, lr=settings.lr * settings.batch_size / 128,
+                                    weight_decay=settings.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=settings.epochs,
+                                       warmup_epochs=settings.warmup_epochs if settings.epochs > 2 else 0,
+                                       step_on_epochs=False, updates_per_epoch=len(train))
+    criterion = LabelSmoothingCrossEntropy(settings.label_smoothing)
+    start_epoch, updates = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_epoch, updates = resume["epoch"], resume["updates"]
+        train.generator.manual_seed(settings.seed + start_epoch)
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, settings.epochs):
+        model.train()
+        started, total_loss = time.perf_counter(), 0.0
+        for images, labels in train:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = criterion(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            updates += 1
+            scheduler.step_update(updates)
+            total_loss += loss.item()
+        result = evaluate(model, val)
+        metrics = {"epoch": epoch + 1, "train_loss": total_loss / len(train), "val_acc": result["acc"],
+                   "val_loss": result["loss"], "epoch_seconds": time.perf_counter() - started,
+                   "images_per_second": len(train) * settings.batch_size / (time.perf_counter() - started)}
+        if on_epoch is not None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "updates": updates, "config": config.to_dict()}
+            on_epoch(metrics, state)
+    return model, metrics
+
+
+def save_checkpoint(model: torch.nn.Module, config: ModelConfig, path: Path, **extra: Any) -> Path:
+    """Weights plus the config that rebuilds the model, loadable with ``weights_only=True``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": config.to_dict(), **extra}, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = config_from_dict(state["config"])
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    return model, config
