@@ -36,16 +36,15 @@ def test_results_complete_prune_and_fail(tmp_path):
     searcher = make(tmp_path)
     ids = ["a", "b", "c"]
     numbers = {i: searcher.suggest(i)["number"] for i in ids}
-    for epoch, acc in enumerate([0.5, 0.6, 0.7], start=1):
+    for epoch, acc in enumerate([0.5, 0.6], start=1):
         searcher.on_trial_result("a", {"val_acc": acc, "epoch": epoch})
     searcher.on_trial_complete("a", {"val_acc": 0.7, "epoch": 3, "time_total_s": 2.0})
-    searcher.on_trial_result("b", {"val_acc": 0.4, "epoch": 1})
     searcher.on_trial_complete("b", {"val_acc": 0.4, "epoch": 1})  # ASHA stopped it after one epoch
     searcher.on_trial_complete("c", None, error=True)
     trials = {t.number: t for t in searcher.study.trials}
     a, b, c = (trials[numbers[i]] for i in ids)
     assert a.state == TrialState.COMPLETE and a.value == 0.7 and a.intermediate_values == {1: 0.5, 2: 0.6, 3: 0.7}
-    assert b.state == TrialState.PRUNED and b.user_attrs["epochs"] == 1
+    assert b.state == TrialState.PRUNED and b.user_attrs["epochs"] == 1 and b.intermediate_values == {1: 0.4}
     assert c.state == TrialState.FAIL
     assert searcher.live == {}
 
@@ -55,9 +54,9 @@ def test_pareto_mode_keeps_intermediate_results(tmp_path):
     number = searcher.suggest("a")["number"]
     searcher.on_trial_result("a", {"val_acc": 0.3, "epoch": 1})
     searcher.on_trial_result("a", {"val_acc": 0.5, "epoch": 2})
-    searcher.on_trial_complete("a", {"val_acc": 0.6, "epoch": 3})
+    searcher.on_trial_complete("a", {"val_acc": 0.6, "epoch": 3})  # Ray's last result comes only here
     trial = searcher.study.trials[number]
-    assert trial.user_attrs["history"] == [0.3, 0.5]
+    assert trial.user_attrs["history"] == [0.3, 0.5, 0.6]
     assert trial.values == [0.6, float(trial.user_attrs["flops"])]
 
 

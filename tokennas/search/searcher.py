@@ -73,6 +73,8 @@ class BudgetSearcher(Searcher):
                            self.history[trial_id])
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if not error and result and "val_acc" in result and int(result["epoch"]) > len(self.history.get(trial_id, [])):
+            self.on_trial_result(trial_id, result)  # Ray hands a trial's last result only to on_trial_complete
         trial = self.live.pop(trial_id, None)
         self.history.pop(trial_id, None)
         if trial is not None:
