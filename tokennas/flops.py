@@ -28,7 +28,8 @@ ZERO_COST_OPS = (
     "aten::cos", "aten::sin", "aten::floor", "aten::ceil", "aten::remainder", "aten::eq", "aten::ne",
     "aten::lt", "aten::gt", "aten::le", "aten::ge", "aten::cumsum", "aten::arange", "aten::linspace",
     "aten::repeat_interleave", "aten::dropout", "aten::bernoulli_", "aten::masked_fill",
-    "aten::scatter_add", "aten::one_hot", "aten::log", "aten::fill_", "aten::zero_",
+    "aten::scatter_add", "aten::one_hot", "aten::log", "aten::fill_", "aten::zero_", "aten::rand",
+    "aten::hardswish", "aten::hardswish_",
 )
 
 

@@ -5,6 +5,7 @@ Every file is written to a temporary name and renamed into place, so a report is
 
 from __future__ import annotations
 
+import base64
 import html
 import shutil
 import tempfile
@@ -164,9 +165,36 @@ def _figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: i
     return figures
 
 
-def write_html(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int, title: str, path: Path) -> None:
-    """One self-contained page: plotly.js is inlined once."""
+def write_mosaic(settings, study: optuna.Study, frame: pd.DataFrame, path: Path) -> bool:
+    """For a quadtree search: the best config's mosaic over a few validation images. False if not applicable."""
+    best = ranked(frame, settings.objective).head(1)
+    if best.empty:
+        return False
+    config = config_from_dict(study.trials[int(best["number"].iloc[0])].user_attrs["config"])
+    if config.family != "quadformer":
+        return False
+    import torch
+
+    from ..data import TensorSplit, load_data
+    from ..models.quadtree import draw_mosaic
+
+    data = load_data(settings.dataset, settings.data_dir, settings.img_size, settings.train_subset, seed=settings.seed)
+    val = data.val
+    images = val.images[:8] if isinstance(val, TensorSplit) else torch.stack([val[i][0] for i in range(8)])
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    draw_mosaic(config, images, tmp)
+    tmp.replace(path)
+    return True
+
+
+def write_html(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int, title: str, path: Path,
+               mosaic: Path | None = None) -> None:
+    """One self-contained page: plotly.js is inlined once, the mosaic picture (if any) as data."""
     parts, plotly_js = [], "inline"
+    if mosaic is not None:
+        data = base64.b64encode(mosaic.read_bytes()).decode()
+        parts.append("<h2>Mosaic of the best config over validation images</h2>"
+                     f"<img src='data:image/png;base64,{data}'>")
     for heading, figure in _figures(study, frame, objective, budget):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if isinstance(figure, str):
@@ -219,8 +247,9 @@ def write_reports(run_dir: Path) -> None:
     tmp.replace(run_dir / "trials.csv")
     best = export_best(study, settings.objective, settings.top, run_dir / "best")
     plot_pareto(frame, settings.budget, run_dir / "pareto.png")
+    mosaic = run_dir / "mosaic.png" if write_mosaic(settings, study, frame, run_dir / "mosaic.png") else None
     write_html(study, frame, settings.objective, settings.budget,
-               f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html")
+               f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html", mosaic)
     configs = [t.user_attrs.get("config") for t in study.trials if t.user_attrs.get("config")]
     inputs = Inputs(settings.img_size, configs[0]["in_chans"], configs[0]["num_classes"]) if configs else Inputs(
         settings.img_size)
