@@ -101,3 +101,16 @@ def test_space_builds_every_sampled_candidate(name):
         config = space.suggest(study.ask(), inputs)
         assert (config.img_size, config.in_chans, config.num_classes) == (32, 1, 10)
     assert space.min_flops(inputs) < 10_000_000
+
+
+def test_a_repeated_proposal_is_never_trained_twice(tmp_path):
+    searcher = make(tmp_path)
+    first = searcher.suggest("a")
+    searcher.on_trial_complete("a", {"val_acc": 0.8, "epoch": 3})
+    study = searcher.study
+    study.enqueue_trial(study.trials[first["number"]].params)  # the sampler proposes the same point again
+    second = searcher.suggest("b")
+    assert second["number"] != first["number"] and searcher.repeats == 1
+    repeat = next(t for t in study.trials if S.is_repeat(t))
+    assert repeat.user_attrs["repeat_of"] == first["number"] and repeat.value == 0.8 and not S.trained(repeat)
+    assert study.trials[second["number"]].params != study.trials[first["number"]].params

@@ -22,18 +22,20 @@ from .driver import load_settings
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial. ``state`` is Optuna's, except that over-budget proposals read INFEASIBLE."""
+    """One row per trial. ``state`` is Optuna's, except over-budget proposals (INFEASIBLE) and proposals
+    of an already trained candidate (REPEAT, ``repeat_of`` names it); neither was trained."""
     rows = []
     for t in study.trials:
-        state = "INFEASIBLE" if S.is_infeasible(t) else t.state.name
+        state = "INFEASIBLE" if S.is_infeasible(t) else "REPEAT" if S.is_repeat(t) else t.state.name
         seconds = t.user_attrs.get("seconds")
         if seconds is None and t.datetime_complete and t.datetime_start:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds()
         rows.append({"number": t.number, "state": state, "flops": t.user_attrs.get("flops"),
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": t.user_attrs.get("epochs", 0), "seconds": seconds,
+                     "repeat_of": t.user_attrs.get("repeat_of"),
                      **{f"param_{k}": v for k, v in t.params.items()}})
-    columns = ["number", "state", "flops", "params", "val_acc", "epochs", "seconds"]
+    columns = ["number", "state", "flops", "params", "val_acc", "epochs", "seconds", "repeat_of"]
     return pd.DataFrame(rows, columns=None if rows else columns)
 
 
@@ -142,7 +144,7 @@ def _figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: i
                                                                           target_name="val_acc")))
     except (ValueError, RuntimeError) as err:
         figures.append(("Optimisation history", f"not available: {err}"))
-    feasible = [t for t in study.trials if t.state == TrialState.COMPLETE and not S.is_infeasible(t)]
+    feasible = [t for t in study.trials if t.state == TrialState.COMPLETE and S.trained(t)]
     try:  # importances over trained candidates only: over-budget ones would only explain the budget
         only = optuna.create_study(directions=study.directions)
         only.add_trials(feasible)
@@ -218,7 +220,8 @@ def summary_markdown(settings, frame: pd.DataFrame, best: list[Path], baseline) 
              f"- data: {settings.dataset} at {settings.img_size}px, train subset: {settings.train_subset or 'all'}, "
              f"epochs per candidate: {settings.epochs}",
              f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} stopped early, "
-             f"{counts.get('FAIL', 0)} failed, {counts.get('INFEASIBLE', 0)} proposals over budget (never trained)",
+             f"{counts.get('FAIL', 0)} failed, {counts.get('INFEASIBLE', 0)} proposals over budget and "
+             f"{counts.get('REPEAT', 0)} repeated proposals (neither trained)",
              ""]
     ranked_rows = ranked(frame, settings.objective).head(len(best))
     if len(ranked_rows):

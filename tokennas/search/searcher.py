@@ -29,6 +29,7 @@ class BudgetSearcher(Searcher):
         self.live: dict[str, optuna.Trial] = {}
         self.history: dict[str, list[float]] = {}
         self.infeasible = 0
+        self.repeats = 0
 
     def __getstate__(self) -> dict[str, Any]:
         """Ray pickles its searcher with the experiment state: keep where the study lives, not its handle."""
@@ -60,12 +61,19 @@ class BudgetSearcher(Searcher):
             trial = self.study.ask()
             config = self.space.suggest(trial, self.inputs)
             flops = count_flops(config)
-            if S.record_cost(trial, config, flops, self.budget):
-                self.live[trial_id], self.history[trial_id] = trial, []
-                return {"config": config.to_dict(), "flops": flops, "number": trial.number}
-            S.tell_infeasible(self.study, trial, flops)
-            self.infeasible += 1
-        raise RuntimeError(f"the sampler proposed {self.max_proposals} candidates in a row over the budget")
+            if not S.record_cost(trial, config, flops, self.budget):
+                S.tell_infeasible(self.study, trial, flops)
+                self.infeasible += 1
+                continue
+            original = S.find_repeat(self.study, trial)
+            if original is not None:  # samplers do re-propose categorical points: never train one twice
+                S.tell_repeat(self.study, trial, original)
+                self.repeats += 1
+                continue
+            self.live[trial_id], self.history[trial_id] = trial, []
+            return {"config": config.to_dict(), "flops": flops, "number": trial.number}
+        raise RuntimeError(f"the sampler proposed {self.max_proposals} candidates in a row that were over the budget "
+                           "or already trained; the space may be exhausted")
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id in self.live and "val_acc" in result:

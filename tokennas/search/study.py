@@ -62,13 +62,40 @@ def tell_infeasible(study: optuna.Study, trial: optuna.Trial, flops: int) -> Non
     study.tell(trial, 0.0 if len(study.directions) == 1 else [0.0, float(flops)])
 
 
+def find_repeat(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
+    """An earlier feasible trial with the same parameters, finished or still running."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
+        if other.number != trial.number and other.params == trial.params and not is_repeat(other) \
+                and not is_infeasible(other):
+            return other
+    return None
+
+
+def tell_repeat(study: optuna.Study, trial: optuna.Trial, original: FrozenTrial) -> None:
+    """Close a repeated proposal without training it: the original's outcome, or FAIL while it still runs."""
+    trial.set_user_attr("repeat_of", original.number)
+    if original.state == TrialState.COMPLETE:
+        study.tell(trial, original.values)
+    elif original.state == TrialState.PRUNED and len(study.directions) == 1 and original.intermediate_values:
+        step = max(original.intermediate_values)
+        trial.report(original.intermediate_values[step], step)
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def is_repeat(trial: FrozenTrial) -> bool:
+    return "repeat_of" in trial.user_attrs
+
+
 def is_infeasible(trial: FrozenTrial) -> bool:
     return any(v > 0 for v in (trial.constraints or {}).values()) or bool(trial.user_attrs.get("infeasible"))
 
 
 def trained(trial: FrozenTrial) -> bool:
     """A feasible candidate that finished training or was stopped early by the scheduler."""
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_infeasible(trial)
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_infeasible(trial) \
+        and not is_repeat(trial)
 
 
 def tell_result(study: optuna.Study, trial: optuna.Trial, result: dict[str, Any] | None, max_epochs: int) -> None:
