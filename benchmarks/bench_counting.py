@@ -13,8 +13,9 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tokennas  # noqa: E402
 from common import machine  # noqa: E402
+
+import tokennas  # noqa: E402
 from tokennas.spaces import Inputs, get_space  # noqa: E402
 
 

@@ -14,8 +14,9 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tokennas  # noqa: E402
 from common import machine, throughput  # noqa: E402
+
+import tokennas  # noqa: E402
 
 
 def main() -> None:
