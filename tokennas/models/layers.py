@@ -86,6 +86,16 @@ class Block(nn.Module):
         return x, attn
 
 
+def check_trunk(config) -> None:
+    """The checks every isotropic trunk shares: depth, heads dividing the width, MLP ratio."""
+    if config.depth < 1:
+        raise ValueError(f"`depth` must be at least 1, got {config.depth}")
+    if config.embed_dim < 1 or config.num_heads < 1 or config.embed_dim % config.num_heads:
+        raise ValueError(f"`num_heads` ({config.num_heads}) must divide `embed_dim` ({config.embed_dim})")
+    if config.mlp_ratio <= 0:
+        raise ValueError(f"`mlp_ratio` must be positive, got {config.mlp_ratio}")
+
+
 POOL_KINDS = ("max1d", "max2d", "avg2d", "conv2d")
 
 

@@ -34,7 +34,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
-from .layers import Block, block_flops, block_params, ln_flops
+from .layers import Block, block_flops, block_params, check_trunk, ln_flops
 from .quadtree import SCORERS, check_geometry, num_levels, scorer_costs, tokenizer_from_config
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # as timm's ViT and ScheduleViT
@@ -65,14 +65,9 @@ class QuadformerConfig(ModelConfig):
         if self.scorer == "feature" and not self.scorer_checkpoint:
             raise ValueError("`scorer_checkpoint` is required for scorer 'feature': a lcnet_050 state-dict file, or "
                              "'timm' for timm's pretrained weights; without weights the features would be random")
-        if self.depth < 1:
-            raise ValueError(f"`depth` must be at least 1, got {self.depth}")
-        if self.embed_dim < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
-            raise ValueError(f"`num_heads` ({self.num_heads}) must divide `embed_dim` ({self.embed_dim})")
+        check_trunk(self)
         if self.embed_dim % 4:
             raise ValueError(f"`embed_dim` ({self.embed_dim}) must be a multiple of 4 for the 2D sin-cos embedding")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"`mlp_ratio` must be positive, got {self.mlp_ratio}")
 
     @property
     def num_levels(self) -> int:

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
-from .layers import POOL_KINDS, Block, TokenPool, block_flops, block_params, ln_flops, pooled_length
+from .layers import POOL_KINDS, Block, TokenPool, block_flops, block_params, check_trunk, ln_flops, pooled_length
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,12 +43,7 @@ class ScheduleViTConfig(ModelConfig):
     def validate(self) -> None:
         if self.img_size % self.patch_size:
             raise ValueError(f"`patch_size` ({self.patch_size}) must divide `img_size` ({self.img_size})")
-        if self.depth < 1:
-            raise ValueError(f"`depth` must be at least 1, got {self.depth}")
-        if self.embed_dim < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
-            raise ValueError(f"`num_heads` ({self.num_heads}) must divide `embed_dim` ({self.embed_dim})")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"`mlp_ratio` must be positive, got {self.mlp_ratio}")
+        check_trunk(self)
         if self.pool_kind not in POOL_KINDS:
             raise ValueError(f"`pool_kind` must be one of {', '.join(POOL_KINDS)}, got {self.pool_kind!r}")
         if list(self.pool_after) != sorted(set(self.pool_after)) or any(

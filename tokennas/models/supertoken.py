@@ -42,7 +42,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
-from .layers import Attention, Block, block_flops, block_params, ln_flops
+from .layers import Attention, Block, block_flops, block_params, check_trunk, ln_flops
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,12 +67,7 @@ class SuperTokenConfig(ModelConfig):
         if self.window_size not in divisors:
             raise ValueError(f"`window_size` ({self.window_size}) must divide the {self.grid}x{self.grid} token grid "
                              f"(img_size / patch_size); allowed: {', '.join(map(str, divisors))}")
-        if self.depth < 1:
-            raise ValueError(f"`depth` must be at least 1, got {self.depth}")
-        if self.embed_dim < 1 or self.num_heads < 1 or self.embed_dim % self.num_heads:
-            raise ValueError(f"`num_heads` ({self.num_heads}) must divide `embed_dim` ({self.embed_dim})")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"`mlp_ratio` must be positive, got {self.mlp_ratio}")
+        check_trunk(self)
         if list(self.global_blocks) != sorted(set(self.global_blocks)) or any(
             not 0 <= b <= self.depth - 1 for b in self.global_blocks
         ):
