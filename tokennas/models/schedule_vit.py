@@ -187,11 +187,13 @@ for _name, _args, _doc in [
     ("hvt_s_3", {**_SMALL, **_HVT, "pool_after": (0, 4, 8)}, "HVT-S-3: three pooling stages; 22.13M, 1.62G."),
     ("hvt_s_4", {**_SMALL, **_HVT, "pool_after": (0, 3, 6, 9)}, "HVT-S-4: four pooling stages; 22.14M, 1.39G."),
     ("psvit_2d_tiny", {**_TINY, "pool_kind": "max2d", "pool_after": (3, 7), "share_attn": (2, 5, 7, 9, 11)},
-     "PSViT-style tiny: DeiT-Ti width, 2D max pooling of the 14x14 token grid after blocks 3 and 7 "
-     "(196 -> 49 -> 16 patch tokens), and attention sharing on blocks 2, 5, 7, 9 and 11."),
+     "PSViT-style tiny: reproduces PSViT's two mechanisms at DeiT-Ti width, 2D max pooling of the 14x14 token grid "
+     "after blocks 3 and 7 (196 -> 49 -> 16 patch tokens) and attention sharing on blocks 2, 5, 7, 9 and 11. Not "
+     "the paper's searched architecture: its table could not be consulted, so no published figure is claimed."),
     ("psvit_2d_small", {**_SMALL, "pool_kind": "max2d", "pool_after": (3, 7), "share_attn": (2, 5, 7, 9, 11)},
-     "PSViT-style small: the same schedule as psvit_2d_tiny at DeiT-S width."),
+     "PSViT-style small: the schedule of psvit_2d_tiny at DeiT-S width; mechanism only, no published figure claimed."),
     ("psvit_conv_small", {**_SMALL, "pool_kind": "conv2d", "pool_after": (3, 7), "share_attn": (1, 3, 5, 7, 9, 11)},
-     "PSViT-style small with a learned strided depthwise-conv pooling and sharing in every second block."),
+     "PSViT-style small with a learned strided depthwise-conv pooling and sharing in every second block of each "
+     "stage; mechanism only, no published figure claimed."),
 ]:
     register_preset(_name, ScheduleViTConfig(**_args), _doc)
