@@ -54,15 +54,15 @@ def check_compatible(config: ModelConfig, data: DataBundle) -> None:
 def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy."""
     model.eval()
-    correct, loss, seen = 0, 0.0, 0
     device = batches.device
-    for images, labels in batches:
+    correct, loss, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    for images, labels in batches:  # sums stay on the device: no host sync per batch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images)
-        loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
+        loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(-1) == labels).sum()
         seen += len(labels)
-    return {"acc": correct / max(seen, 1), "loss": loss / max(seen, 1)}
+    return {"acc": correct.item() / max(seen, 1), "loss": loss.item() / max(seen, 1)}
 
 
 def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
@@ -94,7 +94,7 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, settings.epochs):
         model.train()
-        started, total_loss = time.perf_counter(), 0.0
+        started, total_loss = time.perf_counter(), torch.zeros((), device=device)
         for images, labels in train:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = criterion(model(images), labels)
@@ -103,9 +103,9 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
             optimizer.step()
             updates += 1
             scheduler.step_update(updates)
-            total_loss += loss.item()
+            total_loss += loss.detach()
         result = evaluate(model, val)
-        metrics = {"epoch": epoch + 1, "train_loss": total_loss / len(train), "val_acc": result["acc"],
+        metrics = {"epoch": epoch + 1, "train_loss": total_loss.item() / len(train), "val_acc": result["acc"],
                    "val_loss": result["loss"], "epoch_seconds": time.perf_counter() - started,
                    "images_per_second": len(train) * settings.batch_size / (time.perf_counter() - started)}
         if on_epoch is not None:
