@@ -29,6 +29,12 @@ def _one_thread():
 SMALL = dict(img_size=32, in_chans=1, num_classes=10, patch_size=4, window_size=2, embed_dim=32, num_heads=2)
 
 
+def _window_reverse(config, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * W, M^2, D) in window layout -> (B, h*w, D) in raster order."""
+    g, M, D = config.grid, config.window_size, x.shape[-1]
+    return x.reshape(batch, g // M, g // M, M, M, D).transpose(2, 3).reshape(batch, g * g, D)
+
+
 def _patch_outputs(model: torch.nn.Module, image: torch.Tensor, blocks: int) -> torch.Tensor:
     """Patch tokens after the first ``blocks`` blocks, (B, h*w, D) in raster order."""
     full = model.blocks
@@ -37,7 +43,7 @@ def _patch_outputs(model: torch.nn.Module, image: torch.Tensor, blocks: int) -> 
         tokens = model.forward_tokens(image)
     finally:
         model.blocks = full
-    return model.window_reverse(tokens[:, 1:], image.shape[0])
+    return _window_reverse(model.config, tokens[:, 1:], image.shape[0])
 
 
 @torch.no_grad()

@@ -21,9 +21,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
-from .layers import Block, block_flops, block_params, ln_flops
-
-LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)  # timm's CrossViT norm
+from .layers import Block, LayerNorm, attention_params, block_flops, block_params, ln_flops
 
 # The three-conv ("dagger") patch embedding: a 7x7 stride-4 conv, then two 3x3 convs with these strides. The paper
 # has 12 and 16; 4 and 8 drop strides so that small images can use it too.
@@ -122,7 +120,7 @@ class CrossViTConfig(ModelConfig):
         return flops
 
     def num_params(self) -> int:
-        dims, C, bias = self.embed_dim, self.in_chans, int(self.qkv_bias)
+        dims, C = self.embed_dim, self.in_chans
         total = 0
         for D, n, p in zip(dims, self.num_patches, self.patch_size, strict=True):
             if self.multi_conv:
@@ -136,7 +134,7 @@ class CrossViTConfig(ModelConfig):
         for i, j in self._visits():
             Di, Dj = dims[i], dims[j]
             encoder += 2 * Di + Di * Dj + Dj  # norm, act, linear
-            encoder += self.num_fusions * (2 * Dj + 3 * Dj * (Dj + bias) + Dj * Dj + Dj)
+            encoder += self.num_fusions * (2 * Dj + attention_params(Dj, self.qkv_bias))  # norm, wq/wk/wv, proj
             encoder += 2 * Dj + Dj * Di + Di
         return total + self.num_encoders * encoder
 
@@ -189,7 +187,7 @@ class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention with a residual on the class token; returns the class token alone."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, drop_path: float = 0.0,
-                 norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+                 norm_layer: type[nn.Module] = LayerNorm) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = CrossAttention(dim, num_heads, qkv_bias)
@@ -205,7 +203,7 @@ class MultiScaleEncoder(nn.Module):
     Module names follow timm's ``MultiScaleBlock`` (``blocks``, ``projs``, ``fusion``, ``revert_projs``).
     """
 
-    def __init__(self, config: CrossViTConfig, drop_path: list[float], norm_layer: type[nn.Module] = nn.LayerNorm,
+    def __init__(self, config: CrossViTConfig, drop_path: list[float], norm_layer: type[nn.Module] = LayerNorm,
                  act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         c, dims = config, config.embed_dim
@@ -244,7 +242,7 @@ class MultiScaleEncoder(nn.Module):
 class CrossViT(nn.Module):
     """Multi-branch ViT; ``forward_features`` returns one token tensor per branch, the head averages their logits."""
 
-    def __init__(self, config: CrossViTConfig, norm_layer: type[nn.Module] = LayerNormEps6) -> None:
+    def __init__(self, config: CrossViTConfig, norm_layer: type[nn.Module] = LayerNorm) -> None:
         super().__init__()
         self.config = c = config
         dims = c.embed_dim

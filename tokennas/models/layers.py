@@ -7,11 +7,14 @@ that an identity schedule loads timm state dicts unchanged.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # timm's ViT and CrossViT epsilon, for every family
 
 
 class Attention(nn.Module):
@@ -67,7 +70,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  share_attn: bool = False, drop_path: float = 0.0, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 attn_drop: float = 0.0, norm_layer: type[nn.Module] = LayerNorm,
                  mlp_layer: type[nn.Module] = Mlp, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -152,15 +155,24 @@ def ln_flops(tokens: int, dim: int) -> int:
     return 5 * tokens * dim
 
 
+def attention_flops(tokens: int, dim: int, share_attn: bool = False) -> int:
+    """MACs of ``Attention`` over ``tokens`` tokens: input projections, QK^T (unless shared), AV, output projection."""
+    if share_attn:
+        return tokens * dim * dim + tokens * tokens * dim + tokens * dim * dim
+    return 3 * tokens * dim * dim + 2 * tokens * tokens * dim + tokens * dim * dim
+
+
+def attention_params(dim: int, qkv_bias: bool = True, share_attn: bool = False) -> int:
+    """Parameters of ``Attention``: Q, K, V projections (only V when shared) and the output projection."""
+    return (1 if share_attn else 3) * dim * (dim + int(qkv_bias)) + dim * dim + dim
+
+
 def block_flops(tokens: int, dim: int, mlp_ratio: float, share_attn: bool = False) -> int:
-    """MACs of one ``Block`` over ``tokens`` tokens: projections, QK^T and AV, MLP and norms."""
+    """MACs of one ``Block`` over ``tokens`` tokens: two norms, attention, MLP."""
     hidden = int(dim * mlp_ratio)
-    proj_in = (1 if share_attn else 3) * tokens * dim * dim
-    attn = (1 if share_attn else 2) * tokens * tokens * dim
-    return proj_in + attn + tokens * dim * dim + 2 * tokens * dim * hidden + 2 * ln_flops(tokens, dim)
+    return 2 * ln_flops(tokens, dim) + attention_flops(tokens, dim, share_attn) + 2 * tokens * dim * hidden
 
 
 def block_params(dim: int, mlp_ratio: float, qkv_bias: bool = True, share_attn: bool = False) -> int:
     hidden = int(dim * mlp_ratio)
-    proj_in = (1 if share_attn else 3) * dim * (dim + int(qkv_bias))
-    return proj_in + dim * dim + dim + 2 * dim * hidden + hidden + dim + 4 * dim
+    return 4 * dim + attention_params(dim, qkv_bias, share_attn) + 2 * dim * hidden + hidden + dim

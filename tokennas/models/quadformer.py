@@ -25,7 +25,6 @@ offline and are not claimed. Presets use the pixel-blur scorer, which needs no w
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import ClassVar
 
 import torch
@@ -34,10 +33,8 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
-from .layers import Block, block_flops, block_params, check_trunk, ln_flops
+from .layers import Block, LayerNorm, block_flops, block_params, check_trunk, ln_flops
 from .quadtree import SCORERS, check_geometry, num_levels, scorer_costs, tokenizer_from_config
-
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # as timm's ViT and ScheduleViT
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,6 @@ neighbouring blocks). With an identity schedule it is state-dict compatible with
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import ClassVar
 
 import torch
@@ -19,7 +18,17 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
-from .layers import POOL_KINDS, Block, TokenPool, block_flops, block_params, check_trunk, ln_flops, pooled_length
+from .layers import (
+    POOL_KINDS,
+    Block,
+    LayerNorm,
+    TokenPool,
+    block_flops,
+    block_params,
+    check_trunk,
+    ln_flops,
+    pooled_length,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,7 +127,7 @@ class ScheduleViT(nn.Module):
     def __init__(self, config: ScheduleViTConfig, norm_layer: type[nn.Module] | None = None) -> None:
         super().__init__()
         self.config = c = config
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)  # timm's ViT epsilon
+        norm_layer = norm_layer or LayerNorm
         D = c.embed_dim
         self.num_classes = c.num_classes
         self.num_prefix_tokens = int(c.class_token)

@@ -42,7 +42,17 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
-from .layers import Attention, Block, block_flops, block_params, check_trunk, ln_flops
+from .layers import (
+    Attention,
+    Block,
+    LayerNorm,
+    attention_flops,
+    attention_params,
+    block_flops,
+    block_params,
+    check_trunk,
+    ln_flops,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,7 +98,7 @@ class SuperTokenConfig(ModelConfig):
     def flops_by_module(self) -> dict[str, int]:
         D, W, N = self.embed_dim, self.num_windows, self.grid**2
         window = W * block_flops(1 + self.window_size**2, D, self.mlp_ratio)
-        global_attn = ln_flops(W, D) + 4 * W * D * D + 2 * W * W * D  # norm, qkv + proj, QK^T + AV
+        global_attn = ln_flops(W, D) + attention_flops(W, D)
         flops = {"patch_embed": N * D * self.in_chans * self.patch_size**2}
         for b in range(self.depth):
             flops[f"blocks.{b}"] = window + (global_attn if b in self.global_blocks else 0)
@@ -101,7 +111,7 @@ class SuperTokenConfig(ModelConfig):
         total = self.in_chans * self.patch_size**2 * D + D  # patch embedding conv
         total += (self.grid**2 + self.num_windows) * D  # positional embedding, super tokens
         total += self.depth * block_params(D, self.mlp_ratio, self.qkv_bias)
-        total += len(self.global_blocks) * (2 * D + 3 * D * (D + int(self.qkv_bias)) + D * D + D)
+        total += len(self.global_blocks) * (2 * D + attention_params(D, self.qkv_bias))  # norm, attention
         return total + 2 * D + D * self.num_classes + self.num_classes
 
 
@@ -109,7 +119,7 @@ class SuperTokenBlock(nn.Module):
     """Optional global attention among the super tokens, then window attention and MLP (``layers.Block``)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, global_attn: bool,
-                 drop_path: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+                 drop_path: float = 0.0, norm_layer: type[nn.Module] = LayerNorm) -> None:
         super().__init__()
         self.global_norm = norm_layer(dim) if global_attn else None
         self.global_attn = Attention(dim, num_heads, qkv_bias) if global_attn else None
@@ -129,7 +139,7 @@ class SuperTokenBlock(nn.Module):
 class SuperTokenTransformer(nn.Module):
     """Isotropic ViT over windows with super tokens; the token schedule lives in ``forward_features``."""
 
-    def __init__(self, config: SuperTokenConfig, norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
+    def __init__(self, config: SuperTokenConfig, norm_layer: type[nn.Module] = LayerNorm) -> None:
         super().__init__()
         self.config = c = config
         D = c.embed_dim
@@ -155,12 +165,6 @@ class SuperTokenTransformer(nn.Module):
         g, M = self.config.grid, self.config.window_size
         x = x.reshape(B, g // M, M, g // M, M, D).transpose(2, 3)  # (B, g/M, g/M, M, M, D)
         return x.reshape(B * self.config.num_windows, M * M, D)
-
-    def window_reverse(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B * W, M^2, D) -> (B, h*w, D) in raster order."""
-        g, M, D = self.config.grid, self.config.window_size, x.shape[-1]
-        x = x.reshape(batch, g // M, g // M, M, M, D).transpose(2, 3)  # (B, g/M, M, g/M, M, D)
-        return x.reshape(batch, g * g, D)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the blocks, in window layout: (B * W, 1 + M^2, D), super token first."""
