@@ -114,9 +114,7 @@ def search(
     from .search.driver import SearchSettings, run_search
 
     if resume is not None:
-        if not (resume / "search.yaml").is_file():
-            raise ValueError(f"--resume {str(resume)!r} is not a tokennas run folder (no search.yaml)")
-        run_dir = run_search(None, resume=resume, progress=not quiet)
+        run_dir = run_search(None, resume=resume, progress=not quiet)  # a folder without search.yaml is refused
     else:
         if space is None or flops is None:
             raise ValueError("--space and --flops are required (or --resume RUN_DIR)")

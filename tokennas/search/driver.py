@@ -127,10 +127,13 @@ def run_search(settings: SearchSettings, out: Path | None = None, resume: Path |
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "search.yaml").write_text(yaml.safe_dump(dataclasses.asdict(settings), sort_keys=False))
 
-    existing = S.open_study(run_dir, settings.objective) if resume is not None else None
-    offset = len(existing.trials) if existing is not None else 0  # a resumed sampler must not replay old draws
-    sampler = S.make_sampler(settings.sampler, settings.seed + offset, settings.trials)
-    study = S.open_study(run_dir, settings.objective, sampler, create=resume is None)
+    if resume is not None:
+        study = S.open_study(run_dir, settings.objective)
+        # a resumed sampler must not replay the draws of the first run
+        study.sampler = S.make_sampler(settings.sampler, settings.seed + len(study.trials), settings.trials)
+    else:
+        study = S.open_study(run_dir, settings.objective, S.make_sampler(settings.sampler, settings.seed,
+                                                                         settings.trials), create=True)
     S.resume_interrupted(study)
     remaining = settings.trials - sum(S.trained(t) for t in study.trials)
     if remaining > 0:

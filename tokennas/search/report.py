@@ -53,9 +53,9 @@ def ranked(frame: pd.DataFrame, objective: str) -> pd.DataFrame:
     if done.empty:
         return done
     done["pareto"] = pareto_mask(done)
-    keys = ["pareto", "val_acc", "flops"] if objective == "pareto" else ["val_acc", "flops"]
-    return done.sort_values(keys, ascending=[False, False, True][-len(keys):] if objective == "pareto"
-                            else [False, True])
+    if objective == "pareto":
+        return done.sort_values(["pareto", "val_acc", "flops"], ascending=[False, False, True])
+    return done.sort_values(["val_acc", "flops"], ascending=[False, True])
 
 
 def export_best(study: optuna.Study, objective: str, top: int, out: Path) -> list[Path]:
