@@ -68,7 +68,8 @@ def efficiency(trials: int, epochs: int, train_subset: int, budget: str, seed: i
     import pandas as pd
 
     from tokennas.flops import parse_flops
-    from tokennas.search.driver import SearchSettings, run_search
+    from tokennas.search.driver import run_search
+    from tokennas.search.settings import SearchSettings
 
     print(f"machine: {machine()}; psvit under {budget}, {trials} trials, {epochs} epochs, {train_subset} images, "
           f"seed {seed}")

@@ -111,7 +111,8 @@ def search(
     quiet: bool = typer.Option(False, "--quiet", help="No live table."),
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, reports come out."""
-    from .search.driver import SearchSettings, run_search
+    from .search.driver import run_search
+    from .search.settings import SearchSettings
 
     if resume is not None:
         run_dir = run_search(None, resume=resume, progress=not quiet)  # a folder without search.yaml is refused
@@ -142,7 +143,7 @@ def export(
 ) -> None:
     """Export the best configs of a search from its stored study."""
     from .search import study as S
-    from .search.driver import load_settings
+    from .search.settings import load_settings
     from .search.report import export_best
 
     if top < 1:

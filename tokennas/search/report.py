@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from ..config import config_from_dict, save_config
 from ..flops import format_flops
 from . import study as S
-from .driver import load_settings
+from .settings import load_settings
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
