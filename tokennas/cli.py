@@ -109,6 +109,16 @@ def search(
     out: Path | None = typer.Option(None, help="Run folder [default: results/<space>-<timestamp>]."),
     resume: Path | None = typer.Option(None, help="Continue the interrupted search in this run folder."),
     quiet: bool = typer.Option(False, "--quiet", help="No live table."),
+    ray_address: str | None = typer.Option(None, help="local (a private Ray, the default), auto (the cluster "
+                                           "`ray start` set up here), HOST:PORT or ray://HOST:PORT."),
+    ray_storage: str | None = typer.Option(None, help="Ray Tune's storage_path for trial checkpoints: a shared "
+                                           "filesystem or cloud URI (needed on several machines) [default: RUN/ray]."),
+    storage: str | None = typer.Option(None, help="Optuna storage: postgresql://USER@HOST/DB, mysql://..., "
+                                       "sqlite:///PATH or journal:PATH [default: RUN/study.db]. The password "
+                                       "comes from the URL or TOKENNAS_STORAGE_PASSWORD and is never stored."),
+    study_name: str = typer.Option("tokennas", help="The study's name in --storage; drivers sharing it cooperate."),
+    heartbeat: int = typer.Option(30, help="Seconds between heartbeats on an RDB --storage; a driver silent for "
+                                  "twice that is taken as dead and its trials are run again."),
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, reports come out."""
     from .search.driver import run_search
@@ -123,14 +133,17 @@ def search(
                                   sampler=sampler, scheduler=scheduler, seed=seed, dataset=dataset, data_dir=data_dir,
                                   img_size=img_size, train_subset=train_subset, batch_size=batch_size, lr=lr,
                                   gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-                                  time_budget=time_budget, top=top)
+                                  time_budget=time_budget, top=top, ray_address=ray_address,
+                                  ray_storage=ray_storage, storage=storage, study_name=study_name, heartbeat=heartbeat)
         run_dir = run_search(settings, out=out, progress=not quiet)
     console.print(f"results in {run_dir}: trials.csv, best/, pareto.png, report.html, summary.md")
     console.print((run_dir / "summary.md").read_text())
 
 
 def _run_dir(path: Path) -> Path:
-    if not (path / "search.yaml").is_file() or not (path / "study.db").is_file():
+    from .search.settings import load_settings
+
+    if not (path / "search.yaml").is_file() or not ((path / "study.db").is_file() or load_settings(path).storage):
         raise ValueError(f"{str(path)!r} is not a tokennas run folder (expected search.yaml and study.db)")
     return path
 
@@ -142,15 +155,15 @@ def export(
     out: Path = typer.Option(..., help="Folder to write 01-*.yaml, 02-*.yaml... into (replaced)."),
 ) -> None:
     """Export the best configs of a search from its stored study."""
-    from .search import study as S
-    from .search.settings import load_settings
     from .search.report import export_best
+    from .search.settings import load_settings
+    from .search.storage import open_run_study
 
     if top < 1:
         raise ValueError(f"invalid --top {top}; expected at least 1")
     settings = load_settings(_run_dir(run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path in export_best(S.open_study(run_dir, settings.objective), settings.objective, top, out):
+    for path in export_best(open_run_study(run_dir, settings), settings.objective, top, out):
         console.print(str(path))
 
 

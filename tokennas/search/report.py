@@ -19,6 +19,7 @@ from ..config import config_from_dict, save_config
 from ..flops import format_flops
 from . import study as S
 from .settings import load_settings
+from .storage import open_run_study
 
 
 def trial_table(study: optuna.Study) -> pd.DataFrame:
@@ -26,16 +27,17 @@ def trial_table(study: optuna.Study) -> pd.DataFrame:
     of an already trained candidate (REPEAT, ``repeat_of`` names it); neither was trained."""
     rows = []
     for t in study.trials:
-        state = "INFEASIBLE" if S.is_infeasible(t) else "REPEAT" if S.is_repeat(t) else t.state.name
+        state = "INFEASIBLE" if S.is_infeasible(t) else "REPEAT" if S.is_repeat(t) else \
+            "WITHDRAWN" if t.user_attrs.get("withdrawn") else t.state.name
         seconds = t.user_attrs.get("seconds")
         if seconds is None and t.datetime_complete and t.datetime_start:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds()
         rows.append({"number": t.number, "state": state, "flops": t.user_attrs.get("flops"),
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": t.user_attrs.get("epochs", 0), "seconds": seconds,
-                     "repeat_of": t.user_attrs.get("repeat_of"),
+                     "repeat_of": t.user_attrs.get("repeat_of"), "node": t.user_attrs.get("node"),
                      **{f"param_{k}": v for k, v in t.params.items()}})
-    columns = ["number", "state", "flops", "params", "val_acc", "epochs", "seconds", "repeat_of"]
+    columns = ["number", "state", "flops", "params", "val_acc", "epochs", "seconds", "repeat_of", "node"]
     return pd.DataFrame(rows, columns=None if rows else columns)
 
 
@@ -243,7 +245,7 @@ def write_reports(run_dir: Path) -> None:
     from ..spaces import Inputs, get_space
 
     settings = load_settings(run_dir)
-    study = S.open_study(run_dir, settings.objective)
+    study = open_run_study(run_dir, settings)  # issue 11: the study may live on a shared server
     frame = trial_table(study)
     tmp = run_dir / ".trials.csv.tmp"
     frame.to_csv(tmp, index=False)

@@ -9,23 +9,28 @@ feasible candidates and the sampler still learns where the budget ends.
 from __future__ import annotations
 
 import pickle
+import time
 from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
 
 from ..spaces import Inputs, Space
+from . import coordination
 from . import study as S
+from .cluster import record_placement
 
 
 class BudgetSearcher(Searcher):
     """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits."""
 
     def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int,
-                 max_proposals: int = 20_000) -> None:
+                 max_proposals: int = 20_000, target: int | None = None) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.study, self.space, self.inputs, self.budget = study, space, inputs, budget
         self.max_epochs, self.max_proposals = max_epochs, max_proposals
+        self.target = target  # issue 11: candidates the whole study trains, over every driver (None: no limit)
+        self._next_poll = 0.0
         self.live: dict[str, optuna.Trial] = {}
         self.history: dict[str, list[float]] = {}
         self.infeasible = 0
@@ -57,8 +62,21 @@ class BudgetSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         from ..flops import count_flops
 
+        if self.target is not None:  # issue 11: the study, not this driver, says when the search is done
+            if time.monotonic() < self._next_poll:
+                return None
+            verdict = coordination.status(self.study, self.target)
+            if verdict != "ask":
+                self._next_poll = time.monotonic() + 1.0
+                if verdict == "finished":
+                    return Searcher.FINISHED
+                if not self.live:
+                    time.sleep(0.5)  # only others' trials are running: nothing here to keep responsive
+                return None
         for _ in range(self.max_proposals):
-            trial = self.study.ask()
+            trial = coordination.take_turn(self.study, self.study.ask(), self.target)  # issue 11
+            if trial is None:  # the other drivers filled the study first
+                return None
             config = self.space.suggest(trial, self.inputs)
             flops = count_flops(config)
             if not S.record_cost(trial, config, flops, self.budget):
@@ -70,6 +88,7 @@ class BudgetSearcher(Searcher):
                 S.tell_repeat(self.study, trial, original)
                 self.repeats += 1
                 continue
+            coordination.claim(self.study, trial)  # issue 11: ends this trial's turn
             self.live[trial_id], self.history[trial_id] = trial, []
             return {"config": config.to_dict(), "flops": flops, "number": trial.number}
         raise RuntimeError(f"the sampler proposed {self.max_proposals} candidates in a row that were over the budget "
@@ -79,6 +98,7 @@ class BudgetSearcher(Searcher):
         if trial_id in self.live and "val_acc" in result:
             S.report_epoch(self.study, self.live[trial_id], float(result["val_acc"]), int(result["epoch"]),
                            self.history[trial_id])
+            record_placement(self.live[trial_id], result)  # issue 11: the node it ran on
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if not error and result and "val_acc" in result and int(result["epoch"]) > len(self.history.get(trial_id, [])):
@@ -86,6 +106,8 @@ class BudgetSearcher(Searcher):
         trial = self.live.pop(trial_id, None)
         self.history.pop(trial_id, None)
         if trial is not None:
+            if error:  # issue 11: a reason marks a failure of the candidate itself, not of a lost driver
+                trial.set_user_attr("fail_reason", "the trial raised an error; see search.log")
             S.tell_result(self.study, trial, None if error else result, self.max_epochs)
 
     def close_pending(self, last_results: dict[str, dict[str, Any]]) -> None:

@@ -40,6 +40,12 @@ class SearchSettings:
     cpus_per_trial: float = 1.0
     time_budget: str | None = None  # e.g. "30m"; the search stops gracefully
     top: int = 5
+    # issue 11: where it runs and where the study lives
+    ray_address: str | None = None  # None/local: a private Ray; auto; HOST:PORT; ray://HOST:PORT
+    ray_storage: str | None = None  # Ray Tune's storage_path (shared filesystem or cloud URI); None: RUN_DIR/ray
+    storage: str | None = None  # Optuna storage URL, password never stored; None: RUN_DIR/study.db
+    study_name: str = S.STUDY_NAME
+    heartbeat: int = 30  # seconds between heartbeats of a shared RDB study; a trial is lost after twice that
 
     @property
     def budget(self) -> int:
@@ -69,6 +75,18 @@ class SearchSettings:
                 raise ValueError(message)
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        self.validate_cluster()
+
+    def validate_cluster(self) -> None:
+        """The issue-11 options: form only, no I/O (connections are checked by storage.py and cluster.py)."""
+        from . import cluster, storage
+
+        cluster.check_address(self.ray_address)
+        storage.check_url(self.storage)
+        if not self.study_name or not str(self.study_name).strip():
+            raise ValueError(f"invalid --study-name {self.study_name!r}; expected a non-empty name")
+        if self.heartbeat < 1:
+            raise ValueError(f"invalid --heartbeat {self.heartbeat}; expected at least 1 second")
 
 
 def parse_duration(text: str) -> float:

@@ -36,15 +36,22 @@ def storage_url(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_study(run_dir: Path, objective: str, sampler: optuna.samplers.BaseSampler | None = None,
-               create: bool = False) -> optuna.Study:
-    """The study persisted in ``run_dir/study.db`` (``optuna-dashboard sqlite:///RUN_DIR/study.db``)."""
+def open_study(where: Path | str | optuna.storages.BaseStorage, objective: str,
+               sampler: optuna.samplers.BaseSampler | None = None, create: bool = False,
+               study_name: str = STUDY_NAME) -> optuna.Study:
+    """The study persisted in ``run_dir/study.db`` (``optuna-dashboard sqlite:///RUN_DIR/study.db``), or in
+    the storage (URL or object, see ``storage.py``) given instead of a run folder. ``create`` joins a study
+    of that name if another driver created it first."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["maximize"] if objective == "acc" else ["maximize", "minimize"]
+    storage = storage_url(where) if isinstance(where, Path) else where
     if create:
-        return optuna.create_study(storage=storage_url(run_dir), study_name=STUDY_NAME, sampler=sampler,
-                                   directions=directions)
-    return optuna.load_study(storage=storage_url(run_dir), study_name=STUDY_NAME, sampler=sampler)
+        return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, directions=directions,
+                                   load_if_exists=True)
+    try:
+        return optuna.load_study(storage=storage, study_name=study_name, sampler=sampler)
+    except KeyError:
+        raise ValueError(f"no study named {study_name!r} in its storage") from None
 
 
 def record_cost(trial: optuna.Trial, config: ModelConfig, flops: int, budget: int) -> bool:

@@ -1,0 +1,212 @@
+"""Where the Optuna study lives: SQLite in the run folder, a shared RDB server, or a journal file.
+
+``--storage`` takes ``postgresql://``, ``mysql://`` (Optuna's ``RDBStorage``, with heartbeats so that
+the RUNNING trials of a driver that died are failed and asked again), ``sqlite:///PATH`` or
+``journal:PATH`` (Optuna's journal file storage, for a shared filesystem; no heartbeats). Without it
+the study is ``study.db`` in the run folder, as before.
+
+A password is never written anywhere: ``search.yaml`` and every pickle Ray makes of the searcher hold
+the URL without it. At run time it comes from the URL as typed, else from ``TOKENNAS_STORAGE_PASSWORD``
+(or, for PostgreSQL, libpq's own ``PGPASSWORD`` and ``~/.pgpass``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+PASSWORD_ENV = "TOKENNAS_STORAGE_PASSWORD"
+RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
+SCHEMES = ("postgresql://", "mysql://", "sqlite:///", "journal:PATH")
+CONNECT_TIMEOUT_S = 10
+
+
+def _url(text: str):
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(text)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise ValueError(f"invalid --storage {redact(text)!r}: {err}") from None
+    return url
+
+
+def check_url(text: str | None) -> None:
+    """Format check only, no I/O; a ``ValueError`` names the bad value."""
+    if text is None:
+        return
+    if text.startswith("journal:"):
+        if not text.removeprefix("journal:").strip():
+            raise ValueError(f"invalid --storage {text!r}; expected journal:PATH")
+        return
+    if "://" not in text:
+        raise ValueError(f"invalid --storage {redact(text)!r}; expected one of: {', '.join(SCHEMES)}")
+    url = _url(text)
+    if url.get_backend_name() not in RDB_SCHEMES:
+        raise ValueError(f"invalid --storage {redact(text)!r}: unsupported scheme {url.drivername!r}; "
+                         f"expected one of: {', '.join(SCHEMES)}")
+    if url.get_backend_name() != "sqlite" and not url.host:
+        raise ValueError(f"invalid --storage {redact(text)!r}: no host; expected e.g. "
+                         "postgresql://USER@HOST:5432/DB")
+    if url.get_backend_name() != "sqlite" and not url.database:
+        raise ValueError(f"invalid --storage {redact(text)!r}: no database name; expected e.g. "
+                         "postgresql://USER@HOST:5432/DB")
+
+
+def redact(text: str | None) -> str | None:
+    """The URL without its password (kept out of search.yaml, logs, reports and pickles)."""
+    if text is None or "://" not in text or text.startswith("journal:"):
+        return text
+    try:
+        import sqlalchemy
+
+        url = sqlalchemy.engine.make_url(text)
+    except Exception:  # malformed: drop everything between the scheme and the host
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+    if url.password is None:
+        return text
+    return url.create(url.drivername, username=url.username, host=url.host, port=url.port, database=url.database,
+                      query=url.query).render_as_string(hide_password=False)
+
+
+def with_password(text: str) -> str:
+    """The URL to connect with: its own password, else ``TOKENNAS_STORAGE_PASSWORD`` if set."""
+    import sqlalchemy
+
+    url = sqlalchemy.engine.make_url(text)
+    if url.password is None and url.username and os.environ.get(PASSWORD_ENV):
+        url = url.set(password=os.environ[PASSWORD_ENV])
+    return url.render_as_string(hide_password=False)
+
+
+def is_shared(storage: Any) -> bool:
+    """True for a study that several drivers may share (anything but the run folder's study.db)."""
+    return not isinstance(storage, str)
+
+
+def has_heartbeat(storage: Any) -> bool:
+    return isinstance(storage, RDBStorage) and storage.heartbeat_interval is not None
+
+
+class _RedactedRDBStorage(RDBStorage):
+    """Optuna's RDB storage, pickled without the password (Ray pickles the searcher into its run folder)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["url"] = redact(state["url"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["url"] = with_password(state["url"])
+        super().__setstate__(state)
+
+
+def open_storage(text: str | None, run_dir: Path, heartbeat: int = 30) -> Any:
+    """The study's storage: a SQLite URL in ``run_dir`` by default (created with the folder), else a
+    connected storage object. Unreachable servers and bad paths raise a one-line ``ValueError``."""
+    check_url(text)
+    if text is None:
+        return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    if text.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(text.removeprefix("journal:")).expanduser()
+        if not path.parent.is_dir():
+            raise ValueError(f"invalid --storage {text!r}: folder {str(path.parent)!r} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    url = _url(text)
+    engine_kwargs: dict[str, Any] = {}
+    if url.get_backend_name() in ("postgresql", "mysql"):
+        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _RedactedRDBStorage(
+                with_password(text), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except ImportError:
+        raise ValueError(f"--storage {redact(text)!r} needs a database driver: pip install 'tokennas[cluster]'") \
+            from None
+    except Exception as err:  # sqlalchemy's OperationalError and friends: say which storage and why, in one line
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        password = url.password or os.environ.get(PASSWORD_ENV)
+        if password:
+            reason = reason.replace(password, "***")
+        raise ValueError(f"cannot open --storage {redact(text)!r}: {reason}") from None
+
+
+def check_compatible(study: optuna.Study, settings: dict[str, Any]) -> None:
+    """Drivers sharing a study must run the same search; the first one records what that is."""
+    keys = ("space", "flops", "trials", "epochs", "objective", "dataset", "img_size", "train_subset")
+    mine = {k: settings[k] for k in keys}
+    theirs = study.user_attrs.get("search")
+    if theirs is None:
+        study.set_user_attr("search", mine)
+        return
+    for key in keys:
+        if theirs.get(key) != mine[key]:
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"study {study.study_name!r} holds a search with {option} {theirs.get(key)}, "
+                             f"not {mine[key]}; use the same options or another --study-name")
+
+
+def recover_lost_trials(study: optuna.Study, resume: bool) -> None:
+    """Trials left RUNNING by a driver that died. With heartbeats only the stale ones are failed (other
+    drivers may be alive) and Optuna re-queues their candidates; without heartbeats a resumed run fails
+    every RUNNING trial and asks its candidate again, which assumes no other driver is running."""
+    from . import study as S
+
+    if has_heartbeat(study._storage._backend if hasattr(study._storage, "_backend") else study._storage):
+        optuna.storages.fail_stale_trials(study)
+    elif resume or not is_shared(study._storage):
+        S.resume_interrupted(study)
+
+
+class Heartbeat:
+    """Records a heartbeat for this driver's live trials, as ``study.optimize`` would for its own.
+
+    Optuna only beats for trials run by ``optimize``; ours are asked and told by the searcher, so
+    this thread does it for every trial the searcher holds.
+    """
+
+    def __init__(self, study: optuna.Study, live_trials) -> None:
+        self.study, self.live_trials = study, live_trials
+        backend = getattr(study._storage, "_backend", study._storage)
+        self.interval = backend.heartbeat_interval if has_heartbeat(backend) else None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="tokennas-heartbeat")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval / 2):
+            for trial in list(self.live_trials()):
+                try:
+                    self.study._storage.record_heartbeat(trial._trial_id)
+                except Exception:  # a trial told meanwhile, or a lost connection: the next beat retries
+                    pass
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+def open_run_study(run_dir: Path, settings: Any) -> optuna.Study:
+    """The study of a run folder, wherever it lives (for ``report`` and ``export``)."""
+    from . import study as S
+
+    return S.open_study(open_storage(settings.storage, run_dir, settings.heartbeat) if settings.storage else run_dir,
+                        settings.objective, study_name=settings.study_name)
