@@ -64,9 +64,13 @@ def connect(address: str | None, num_gpus: int | None = None) -> None:
         except BaseException as err:  # noqa: BLE001  (reported below in one line)
             outcome["error"] = err
 
-    worker = threading.Thread(target=init, daemon=True)
-    worker.start()
-    worker.join(CONNECT_TIMEOUT_S)
+    if address == "local":
+        # In this thread: Ray's own processes die with the thread that started them (PR_SET_PDEATHSIG)
+        init()
+    else:  # joining only: a silent address must not hang the command
+        worker = threading.Thread(target=init, daemon=True)
+        worker.start()
+        worker.join(CONNECT_TIMEOUT_S)
     if "error" not in outcome:
         raise ValueError(f"cannot join --ray-address {address!r}: no Ray cluster answered within "
                          f"{CONNECT_TIMEOUT_S} s")

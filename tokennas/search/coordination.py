@@ -33,7 +33,7 @@ MAX_RETRIES = 3  # a candidate whose trial was lost this many times is not propo
 POLL_S = 0.05
 
 
-def _fail_stale(study: optuna.Study) -> None:
+def fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -60,7 +60,7 @@ def counts(study: optuna.Study) -> tuple[int, int]:
 def wait_turn(study: optuna.Study, trial: optuna.Trial) -> None:
     """Block until every lower-numbered trial is decided; fail the ones whose driver is gone."""
     while True:
-        _fail_stale(study)
+        fail_stale(study)
         now = datetime.datetime.now()
         waiting = False
         for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -119,7 +119,7 @@ def claim(study: optuna.Study, trial: optuna.Trial) -> None:
 def status(study: optuna.Study, target: int) -> str:
     """'finished' once ``target`` candidates are settled, 'wait' while the rest are in training elsewhere,
     else 'ask'."""
-    _fail_stale(study)
+    fail_stale(study)
     done, training = counts(study)
     if done >= target:
         return "finished"

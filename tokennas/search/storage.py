@@ -2,7 +2,8 @@
 
 ``--storage`` takes ``postgresql://``, ``mysql://`` (Optuna's ``RDBStorage``, with heartbeats so that
 the RUNNING trials of a driver that died are failed and asked again), ``sqlite:///PATH`` or
-``journal:PATH`` (Optuna's journal file storage, for a shared filesystem; no heartbeats). Without it
+``journal:PATH`` (Optuna's journal file storage, for a shared filesystem; no heartbeats, so a dead
+driver's trials are run again only by ``--resume`` once no driver runs). Without it
 the study is ``study.db`` in the run folder, as before.
 
 A password is never written anywhere: ``search.yaml`` and every pickle Ray makes of the searcher hold
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 
 PASSWORD_ENV = "TOKENNAS_STORAGE_PASSWORD"
 RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
@@ -113,6 +114,16 @@ def open_storage(text: str | None, run_dir: Path, heartbeat: int = 30) -> Any:
     check_url(text)
     if text is None:
         return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    if redact(text) in _OPENED:  # the reports of this process reopen the study from the redacted search.yaml
+        return _OPENED[redact(text)]
+    _OPENED[redact(text)] = _open(text, heartbeat)
+    return _OPENED[redact(text)]
+
+
+_OPENED: dict[str, Any] = {}  # storages opened by this process, by their URL without password (memory only)
+
+
+def _open(text: str, heartbeat: int) -> Any:
     if text.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -127,12 +138,13 @@ def open_storage(text: str | None, run_dir: Path, heartbeat: int = 30) -> Any:
     try:
         import warnings
 
+        # our searcher asks and tells; storage.Heartbeat beats for its trials as optimize() would
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return _RedactedRDBStorage(
                 with_password(text), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+                grace_period=2 * heartbeat)  # no retry callback: coordination.py re-asks lost candidates
     except ImportError:
         raise ValueError(f"--storage {redact(text)!r} needs a database driver: pip install 'tokennas[cluster]'") \
             from None
@@ -165,8 +177,10 @@ def recover_lost_trials(study: optuna.Study, resume: bool) -> None:
     every RUNNING trial and asks its candidate again, which assumes no other driver is running."""
     from . import study as S
 
-    if has_heartbeat(study._storage._backend if hasattr(study._storage, "_backend") else study._storage):
-        optuna.storages.fail_stale_trials(study)
+    if has_heartbeat(getattr(study._storage, "_backend", study._storage)):
+        from .coordination import fail_stale
+
+        fail_stale(study)
     elif resume or not is_shared(study._storage):
         S.resume_interrupted(study)
 
