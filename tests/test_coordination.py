@@ -1,0 +1,90 @@
+"""Several drivers on one study, without Ray: the study's count and the repeat check hold across drivers."""
+
+import threading
+
+import pytest
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from tokennas.search import coordination as C
+from tokennas.search import storage as ST
+from tokennas.search import study as S
+from tokennas.search.searcher import BudgetSearcher
+from tokennas.spaces import Inputs, get_space
+
+BUDGET = 30_000_000
+
+
+def driver(path, target, seed):
+    """One driver's searcher, with its own storage handle on the shared journal file (as a process would)."""
+    study = S.open_study(JournalStorage(JournalFileBackend(str(path))), "acc", S.make_sampler("random", seed, 8),
+                         create=True, study_name="shared")
+    return BudgetSearcher(study, get_space("psvit"), Inputs(), BUDGET, max_epochs=1, target=target)
+
+
+def run(searcher, prefix, errors, together=None):
+    try:
+        i = 0
+        if together is not None:
+            together.wait(timeout=60)  # both drivers start proposing at the same moment
+        while (suggestion := searcher.suggest(f"{prefix}{i}")) != Searcher.FINISHED:
+            if suggestion is not None:
+                searcher.on_trial_complete(f"{prefix}{i}", {"val_acc": 0.5, "epoch": 1})
+                i += 1
+    except Exception as err:  # surfaced by the test
+        errors.append(err)
+
+
+def test_two_drivers_proposing_the_same_candidates_train_exactly_target(tmp_path):
+    """Same sampler seed in both: every candidate is proposed by both drivers at about the same moment."""
+    searchers = [driver(tmp_path / "study.log", 6, seed=0) for _ in range(2)]
+    errors = []
+    together = threading.Barrier(2)
+    threads = [threading.Thread(target=run, args=(searcher, prefix, errors, together))
+               for searcher, prefix in zip(searchers, "ab", strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads)
+    trials = searchers[0].study.trials
+    trained = [t for t in trials if S.trained(t)]
+    assert len(trained) == 6
+    assert len({repr(sorted(t.params.items())) for t in trained}) == 6
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert sum(s.repeats for s in searchers) >= 1  # the race happened and the repeat check caught it
+
+
+def test_a_lost_candidate_is_trained_again_on_a_fresh_trial(tmp_path):
+    first = driver(tmp_path / "study.log", 3, seed=0)
+    lost = first.suggest("a")
+    # the driver dies: its claimed trial is failed (as the heartbeat would) without a reason
+    first.study.tell(lost["number"], state=TrialState.FAIL)
+    second = driver(tmp_path / "study.log", 3, seed=1)
+    again = second.suggest("b")
+    assert again["config"] == lost["config"] and again["number"] > lost["number"]
+    assert second.study.trials[again["number"]].user_attrs["retry_of"] == lost["number"]
+
+
+def test_a_full_study_withdraws_a_late_trial(tmp_path):
+    searcher = driver(tmp_path / "study.log", 1, seed=0)
+    searcher.suggest("a")
+    late = searcher.study.ask()  # another driver asked just before the last slot was taken
+    assert C.take_turn(searcher.study, late, 1) is None
+    assert searcher.study.trials[late.number].user_attrs[C.WITHDRAWN]
+    assert searcher.suggest("b") is None  # wait: the one candidate is still training
+    searcher.on_trial_complete("a", {"val_acc": 0.5, "epoch": 1})
+    searcher._next_poll = 0.0
+    assert searcher.suggest("c") == Searcher.FINISHED
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("postgresql://user:pw@db:5432/study", "postgresql://user@db:5432/study"),
+    ("postgresql://user@db/study", "postgresql://user@db/study"),
+    ("mysql+pymysql://u:p%40ss@db/study?charset=utf8", "mysql+pymysql://u@db/study?charset=utf8"),
+    ("journal:/tmp/x.log", "journal:/tmp/x.log"),
+    (None, None),
+])
+def test_redact_keeps_everything_but_the_password(url, expected):
+    assert ST.redact(url) == expected
