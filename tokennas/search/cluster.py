@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 CONNECT_TIMEOUT_S = 30
@@ -85,6 +86,20 @@ def disconnect() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def has_gpus() -> bool:
+    """Whether the Ray cluster this process joined has a GPU anywhere."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def storage_path(ray_storage: str | None) -> str | None:
+    """``--ray-storage`` as Ray Tune wants it: a URI as given, a local path made absolute."""
+    if ray_storage is None or "://" in ray_storage:
+        return ray_storage
+    return str(Path(ray_storage).expanduser().resolve())
 
 
 def node_name() -> str:

@@ -125,7 +125,6 @@ def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
 
 def _tune(settings: SearchSettings, study, data: DataBundle, inputs: Inputs, run_dir: Path, remaining: int,
           progress: bool) -> None:
-    import torch
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -140,8 +139,8 @@ def _tune(settings: SearchSettings, study, data: DataBundle, inputs: Inputs, run
         logger.handlers, logger.propagate = [log], False
     gpus = settings.gpus_per_trial
     if gpus is None:
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
-    if gpus > 0 and not torch.cuda.is_available():
+        gpus = 1.0 if cluster.has_gpus() else 0.0
+    if gpus > 0 and not cluster.has_gpus():  # issue 11: the cluster's GPUs, not only this machine's
         raise ValueError(f"--gpus-per-trial {gpus} asks for a GPU but CUDA is not available")
     train = {"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
              "device": "cuda" if gpus > 0 else "cpu"}
@@ -163,7 +162,7 @@ def _tune(settings: SearchSettings, study, data: DataBundle, inputs: Inputs, run
         run_config=tune.RunConfig(
             name=f"{run_dir.resolve().name}-tune-{len(study.trials)}" if settings.ray_storage else
             f"tune-{len(study.trials)}",
-            storage_path=settings.ray_storage or str((run_dir / "ray").resolve()), verbose=0,
+            storage_path=cluster.storage_path(settings.ray_storage) or str((run_dir / "ray").resolve()), verbose=0,
             log_to_file=True, callbacks=[table], checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=2)),  # a lost node: retried from its checkpoint
     )
