@@ -34,6 +34,9 @@ class ModelConfig:
         for name in ("img_size", "in_chans", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # sizes and counts that every family divides by or loops over
+            if f.name.endswith(POSITIVE_SUFFIXES) and any(v < 1 for v in _ints(getattr(self, f.name))):
+                raise ValueError(f"`{f.name}` must be positive, got {getattr(self, f.name)!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -60,6 +63,15 @@ class ModelConfig:
     def tokens_per_block(self) -> dict[str, tuple[int, ...]]:
         """Tokens each block sees, per token stream (one stream for single-branch families)."""
         raise NotImplementedError
+
+
+POSITIVE_SUFFIXES = ("patch_size", "img_size", "embed_dim", "depth", "num_heads", "window_size")
+
+
+def _ints(value: Any) -> list[int]:
+    if isinstance(value, (tuple, list)):
+        return [i for v in value for i in _ints(v)]
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else []
 
 
 def _listify(value: Any) -> Any:

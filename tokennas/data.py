@@ -19,6 +19,7 @@ import torch.nn.functional as F
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
 EMBEDDED = "fashion-mnist"
+AUGMENTS = ("auto", "light", "imagenet", "none")  # auto: light below 64px, timm's ImageNet policy from 64px
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -68,8 +69,14 @@ def _split_indices(n: int, val_size: int, train_subset: int | None, seed: int) -
 
 def load_data(dataset: str = EMBEDDED, data_dir: str | Path | None = None, img_size: int = 32,
               train_subset: int | None = None, val_fraction: float = 0.1, seed: int = 0,
-              with_test: bool = False) -> DataBundle:
-    """Load ``dataset`` with a seeded validation split; ``train_subset`` keeps the first N training images."""
+              with_test: bool = False, augment: str = "auto") -> DataBundle:
+    """Load ``dataset`` with a seeded validation split; ``train_subset`` keeps the first N training images.
+
+    ``augment`` picks the training augmentation (``AUGMENTS``). The embedded data is augmented on the
+    device by ``Batches`` (random shifts of an eighth of the image and horizontal flips) unless it is ``none``.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"invalid --augment {augment!r}; expected one of: {', '.join(AUGMENTS)}")
     if img_size < 8:
         raise ValueError(f"invalid --img-size {img_size}; expected at least 8")
     if train_subset is not None and train_subset < 10:
@@ -79,7 +86,19 @@ def load_data(dataset: str = EMBEDDED, data_dir: str | Path | None = None, img_s
     if dataset == EMBEDDED:
         return _fashion_mnist(Path(data_dir) if data_dir else FASHION_MNIST_DIR, img_size, train_subset,
                               val_fraction, seed, with_test)
-    return _timm_dataset(dataset, data_dir, img_size, train_subset, val_fraction, seed, with_test)
+    return _timm_dataset(dataset, data_dir, img_size, train_subset, val_fraction, seed, with_test, augment)
+
+
+def train_transform(img_size: int, augment: str):
+    """timm's training transform, fitted to the resolution: below 64px (or ``light``) random crops that keep
+    at least half of the image and flips, without colour jitter; from 64px timm's ImageNet policy."""
+    from timm.data import create_transform
+
+    if augment == "none":
+        return create_transform(img_size, is_training=False, crop_pct=1.0)
+    if augment == "light" or (augment == "auto" and img_size < 64):
+        return create_transform(img_size, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None)
+    return create_transform(img_size, is_training=True)
 
 
 def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
@@ -99,7 +118,7 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
                       in_chans=1, num_classes=10, img_size=img_size)
 
 
-def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
+def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test, augment) -> DataBundle:
     """Any timm dataset name (``torch/cifar10``...) or, with an empty name or ``folder``, an image folder."""
     from timm.data import create_dataset, create_transform
     from timm.data.constants import IMAGENET_DEFAULT_MEAN
@@ -115,7 +134,7 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
         test = create_dataset(timm_name, root=str(root), split="validation", download=False) if with_test else None
     except Exception as err:  # timm raises many kinds; the user needs the one line
         raise ValueError(f"cannot open dataset {name!r} in {str(root)!r}: {str(err).splitlines()[0]}") from None
-    train_full.transform = create_transform(img_size, is_training=True)
+    train_full.transform = train_transform(img_size, augment)
     eval_transform = create_transform(img_size, is_training=False)
     if test is not None:
         test.transform = eval_transform
@@ -139,6 +158,21 @@ def _num_classes(dataset) -> int:
     raise ValueError("cannot tell the number of classes of this dataset")
 
 
+def shift_and_flip(images: torch.Tensor) -> torch.Tensor:
+    """Per image: a random shift of up to an eighth of the side (zero padding) and a horizontal flip."""
+    n, _, h, w = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+    rows = (dy + torch.arange(h, device=images.device).view(1, h, 1)).expand(n, h, w)
+    cols = (dx + torch.arange(w, device=images.device).view(1, 1, w)).expand(n, h, w)
+    flip = torch.rand(n, 1, 1, device=images.device) < 0.5
+    cols = torch.where(flip, dx + (w - 1 - torch.arange(w, device=images.device)).view(1, 1, w), cols)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1).expand(n, h, w)
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+
+
 class Batches:
     """Iterates (images, labels) float batches at ``img_size`` on ``device``, normalised.
 
@@ -156,7 +190,8 @@ class Batches:
         else:
             self.loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=shuffle,
                                                       num_workers=num_workers, generator=self.generator,
-                                                      pin_memory=device.type == "cuda", drop_last=shuffle)
+                                                      pin_memory=device.type == "cuda", drop_last=shuffle,
+                                                      persistent_workers=num_workers > 0)
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -177,7 +212,6 @@ class Batches:
             if images.shape[-1] != self.img_size:
                 images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear",
                                        align_corners=False)
-            if self.augment:  # random horizontal flip, per image
-                flip = torch.rand(len(idx), device=self.device, generator=None) < 0.5
-                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            if self.augment:
+                images = shift_and_flip(images)
             yield (images - mean) / std, self.split.labels[idx]

@@ -1,50 +1,123 @@
-"""A Ray Tune searcher over an Optuna study that keeps the FLOPs budget hard.
+"""Ray Tune searchers over the Optuna studies of a run.
 
-Ray's own ``OptunaSearch`` tells the study only the final objective, drops intermediate results in
-multi-objective mode, and asks Ray to start every proposal. Here a proposal over budget is closed
-in Optuna as infeasible inside ``suggest`` and the next one is asked, so Ray only ever starts
-feasible candidates and the sampler still learns where the budget ends.
+``BudgetSearcher`` keeps the FLOPs budget hard: a proposal over budget is closed in Optuna as
+infeasible inside ``suggest`` and the next one is asked, so Ray only ever starts feasible candidates
+and the sampler still learns where the budget ends. A proposal whose config was already trained is
+closed as a repeat and never trained twice. Reference jobs (the uniform baseline) are handed out
+before the sampler's candidates and recorded in the runs study, outside the sampler's evidence.
+
+The count of trained candidates is read from the study, so a failure is replaced by a new proposal
+and the search ends when ``trials`` candidates are trained or ``max_failures`` trials have failed.
+
+``JobSearcher`` hands out a fixed list of runs (the re-ranking stage) and records them the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import random
+from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from ..spaces import Inputs, Space
 from . import study as S
 
 
-class BudgetSearcher(Searcher):
-    """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits."""
+def error_line(error: BaseException | str | None) -> str:
+    """The last line of an exception as a traceback prints it: ``ValueError: loss is nan at ...``."""
+    if error is None:
+        return "the trial raised an error"
+    if isinstance(error, BaseException):
+        cause = getattr(error, "cause", None) or error
+        text = str(cause).strip()
+        return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}".strip()
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else "the trial raised an error"
+
+
+class _RunsMixin:
+    """Reference and re-ranking runs: each job is one trial of the runs study."""
+
+    runs: optuna.Study
+
+    def _start_job(self, trial_id: str, job: dict[str, Any]) -> dict[str, Any]:
+        run = self.runs.ask()
+        for key in ("role", "stage", "source", "seed", "config", "flops", "params", "epochs_planned"):
+            if key in job:
+                run.set_user_attr(key, job[key])
+        self.jobs_live[trial_id] = (run, [])
+        return {"config": job["config"], "flops": job["flops"], "number": f"{job['source']}/s{job['seed']}",
+                "role": job["role"], "seed": job["seed"], "epochs": job["epochs_planned"]}
+
+    def _result_job(self, trial_id: str, result: dict[str, Any]) -> None:
+        run, history = self.jobs_live[trial_id]
+        history.append(float(result["val_acc"]))
+        run.set_user_attr("history", list(history))
+
+    def _complete_job(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        run, history = self.jobs_live.pop(trial_id)
+        if result and "val_acc" in result and int(result["epoch"]) > len(history):
+            history.append(float(result["val_acc"]))
+            run.set_user_attr("history", list(history))
+        if error:
+            return  # closed by ``fail`` once the error's text is known
+        planned = self.runs._storage.get_trial_user_attrs(run._trial_id)["epochs_planned"]
+        if not result or "val_acc" not in result or int(result["epoch"]) < planned:
+            run.set_user_attr("interrupted", "stopped before its last epoch")
+            self.runs.tell(run, state=TrialState.FAIL)
+            return
+        run.set_user_attr("val_acc", float(result["val_acc"]))
+        run.set_user_attr("seconds", float(result.get("time_total_s", 0.0)))
+        self.runs.tell(run, float(result["val_acc"]))
+
+
+class BudgetSearcher(_RunsMixin, Searcher):
+    """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits and is new."""
 
     def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int,
-                 max_proposals: int = 20_000) -> None:
+                 trials: int = 1_000_000, max_failures: int = 1_000_000, feasible: dict[str, dict] | None = None,
+                 jobs: list[dict[str, Any]] | None = None, seed: int = 0, stall: int = 50) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.study, self.space, self.inputs, self.budget = study, space, inputs, budget
-        self.max_epochs, self.max_proposals = max_epochs, max_proposals
+        self.max_epochs, self.trials, self.max_failures = max_epochs, trials, max_failures
+        self.feasible = feasible or {}  # canonical config key -> parameters, for when the sampler stalls
+        self.jobs = list(jobs or [])
+        self.runs = S.open_runs(study)
         self.live: dict[str, optuna.Trial] = {}
         self.history: dict[str, list[float]] = {}
-        self.infeasible = 0
-        self.repeats = 0
+        self.jobs_live: dict[str, tuple[optuna.Trial, list[float]]] = {}
+        self.pending_errors: dict[str, tuple[str, optuna.Trial]] = {}  # failed, waiting for the error's text
+        self.infeasible = self.repeats = self.fallbacks = 0
+        self.rng, self.stall = random.Random(seed), stall
 
     def __getstate__(self) -> dict[str, Any]:
-        """Ray pickles its searcher with the experiment state: keep where the study lives, not its handle."""
+        """Ray pickles its searcher with the experiment state: keep where the studies live, not their handles."""
         state = dict(self.__dict__)
         study = state.pop("study")
+        state.pop("runs")
         state["_study_ref"] = (study._storage, study.study_name, study.sampler)
         state["live"] = {k: t.number for k, t in self.live.items()}
+        state["jobs_live"] = {k: (t.number, h) for k, (t, h) in self.jobs_live.items()}
+        state["pending_errors"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         storage, name, sampler = state.pop("_study_ref")
         self.__dict__.update(state)
         self.study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
-        self.live = {k: optuna.Trial(self.study, self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, n)) for k, n in state["live"].items()}
+        self.runs = S.open_runs(self.study)
+
+        def handle(study: optuna.Study, number: int) -> optuna.Trial:
+            return optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+
+        self.live = {k: handle(self.study, n) for k, n in state["live"].items()}
+        self.jobs_live = {k: (handle(self.runs, n), h) for k, (n, h) in state["jobs_live"].items()}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -54,41 +127,165 @@ class BudgetSearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    # -- counts kept by the study, so that failures are replaced and a resumed search continues --
+    def trained_count(self) -> int:
+        return sum(S.trained(t) for t in self.study.get_trials(deepcopy=False))
+
+    def failures(self) -> list[optuna.trial.FrozenTrial]:
+        runs = [t for t in self.runs.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if S.is_failed(t)] + runs
+
+    def stopped_for_failures(self) -> bool:
+        return len(self.failures()) >= self.max_failures
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.stopped_for_failures():
+            return None if (self.live or self.jobs_live) else Searcher.FINISHED
+        if self.jobs:
+            return self._start_job(trial_id, self.jobs.pop(0))
+        trained = self.trained_count()
+        if trained >= self.trials:
+            return None if (self.live or self.jobs_live) else Searcher.FINISHED
+        if trained + len(self.live) >= self.trials:
+            return None  # enough in flight; a failure among them will be replaced
+        return self._propose(trial_id)
+
+    def _propose(self, trial_id: str) -> dict[str, Any]:
         from ..flops import count_flops
 
-        for _ in range(self.max_proposals):
+        misses = 0
+        while True:
+            if misses and misses % self.stall == 0 and self.feasible:
+                self._enqueue_untried()
             trial = self.study.ask()
             config = self.space.suggest(trial, self.inputs)
             flops = count_flops(config)
             if not S.record_cost(trial, config, flops, self.budget):
                 S.tell_infeasible(self.study, trial, flops)
                 self.infeasible += 1
+                misses += 1
                 continue
             original = S.find_repeat(self.study, trial)
-            if original is not None:  # samplers do re-propose categorical points: never train one twice
+            if original is not None:  # samplers re-propose, and many parameter sets build one config
                 S.tell_repeat(self.study, trial, original)
                 self.repeats += 1
+                misses += 1
                 continue
             self.live[trial_id], self.history[trial_id] = trial, []
-            return {"config": config.to_dict(), "flops": flops, "number": trial.number}
-        raise RuntimeError(f"the sampler proposed {self.max_proposals} candidates in a row that were over the budget "
-                           "or already trained; the space may be exhausted")
+            suggestion = {"config": config.to_dict(), "flops": flops, "number": trial.number, "role": "candidate",
+                          "epochs": self.max_epochs}
+            resume = self._resume_from(trial)
+            if resume:
+                suggestion["resume_from"] = resume
+            return suggestion
+
+    def _enqueue_untried(self) -> None:
+        """The sampler keeps proposing what is over budget or already trained: hand it one untried feasible
+        candidate at random, so a search near the end of a small space still finishes."""
+        seen = {S.config_key(t.user_attrs["config"]) for t in self.study.get_trials(deepcopy=False)
+                if "config" in t.user_attrs and not S.is_infeasible(t)}
+        untried = sorted(set(self.feasible) - seen)
+        if untried:
+            self.study.enqueue_trial(self.feasible[self.rng.choice(untried)], user_attrs={"fallback": True})
+            self.fallbacks += 1
+
+    def _resume_from(self, trial: optuna.Trial) -> str | None:
+        """The last checkpoint of the interrupted trial this one retries, if it is still there."""
+        retry_of = self.study._storage.get_trial_user_attrs(trial._trial_id).get("retry_of")
+        if retry_of is None:
+            return None
+        path = self.study.trials[retry_of].user_attrs.get("checkpoint")
+        return path if path and Path(path).exists() else None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if trial_id in self.live and "val_acc" in result:
+        if "val_acc" not in result:
+            return
+        if trial_id in self.jobs_live:
+            self._result_job(trial_id, result)
+        elif trial_id in self.live:
             S.report_epoch(self.study, self.live[trial_id], float(result["val_acc"]), int(result["epoch"]),
                            self.history[trial_id])
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self.jobs_live:
+            if error:  # Ray calls this before its callbacks see the error: ``fail`` closes it with the text
+                self.pending_errors[trial_id] = ("runs", self.jobs_live[trial_id][0])
+            self._complete_job(trial_id, result, error)
+            return
         if not error and result and "val_acc" in result and int(result["epoch"]) > len(self.history.get(trial_id, [])):
             self.on_trial_result(trial_id, result)  # Ray hands a trial's last result only to on_trial_complete
         trial = self.live.pop(trial_id, None)
         self.history.pop(trial_id, None)
-        if trial is not None:
-            S.tell_result(self.study, trial, None if error else result, self.max_epochs)
+        if trial is None:
+            return
+        if error:
+            self.pending_errors[trial_id] = ("study", trial)
+        else:
+            S.tell_result(self.study, trial, result, self.max_epochs)
 
-    def close_pending(self, last_results: dict[str, dict[str, Any]]) -> None:
-        """Trials Ray stopped without completing (time budget): closed with their last result, if any."""
+    def fail(self, trial_id: str, message: str) -> None:
+        """Close a trial whose training raised, with the exception's last line."""
+        where, trial = self.pending_errors.pop(trial_id, (None, None))
+        if where == "study":
+            S.tell_failed(self.study, trial, message)
+        elif where == "runs":
+            trial.set_user_attr("error", message)
+            self.runs.tell(trial, state=TrialState.FAIL)
+
+    def record_checkpoint(self, trial_id: str, path: str) -> None:
+        if trial_id in self.live:
+            self.live[trial_id].set_user_attr("checkpoint", path)
+
+    def close_pending(self, reason: str) -> None:
+        """Trials Ray stopped without completing them (the time budget): interrupted, asked again on resume."""
+        for trial_id in list(self.pending_errors):
+            self.fail(trial_id, "the trial raised an error")
         for trial_id in list(self.live):
-            self.on_trial_complete(trial_id, last_results.get(trial_id))
+            trial, history = self.live.pop(trial_id), self.history.pop(trial_id, [])
+            trial.set_user_attr("history", history)
+            S.tell_interrupted(self.study, trial, f"{reason} after epoch {len(history)} of {self.max_epochs}")
+        for trial_id in list(self.jobs_live):
+            run, history = self.jobs_live.pop(trial_id)
+            run.set_user_attr("interrupted", f"{reason} after epoch {len(history)}")
+            self.runs.tell(run, state=TrialState.FAIL)
+
+
+class JobSearcher(BudgetSearcher):
+    """Hands out a fixed list of runs (the re-ranking stage), then finishes."""
+
+    def __init__(self, study: optuna.Study, jobs: list[dict[str, Any]], max_failures: int = 1_000_000) -> None:
+        Searcher.__init__(self, metric="val_acc", mode="max")
+        self.study, self.jobs, self.max_failures, self.max_epochs = study, list(jobs), max_failures, 0
+        self.runs = S.open_runs(study)
+        self.live, self.history, self.jobs_live, self.pending_errors = {}, {}, {}, {}
+        self.infeasible = self.repeats = self.fallbacks = 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.jobs and not self.stopped_for_failures():
+            return self._start_job(trial_id, self.jobs.pop(0))
+        return None if self.jobs_live else Searcher.FINISHED
+
+
+class TrialEvents(Callback):
+    """Hands the searcher what only Ray's callbacks see: a failed trial's error, a trial's checkpoint path."""
+
+    def __init__(self, searcher: BudgetSearcher) -> None:
+        self.searcher = searcher
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"searcher": None}  # Ray pickles callbacks with its experiment state
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.searcher is None:
+            return
+        error = None
+        with contextlib.suppress(Exception):  # the error file may be unreadable; the trial still fails
+            error = trial.get_pickled_error() or trial.get_error()
+        if error is None and trial.local_path:  # Ray writes error.txt before this call, but its metadata may lag
+            text = Path(trial.local_path, "error.txt")
+            error = text.read_text() if text.is_file() else None
+        self.searcher.fail(trial.trial_id, error_line(error))
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        if self.searcher is not None:
+            self.searcher.record_checkpoint(trial.trial_id, checkpoint.path)
