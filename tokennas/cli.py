@@ -100,8 +100,8 @@ def search(
     data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
     img_size: int = typer.Option(32, help="Input resolution; FLOPs are counted at it."),
     train_subset: int | None = typer.Option(None, help="Train on the first N training images (quick searches)."),
-    batch_size: int = typer.Option(128, help="Training batch size (at most the training split)."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate at batch 128 (scaled linearly), > 0."),
+    batch_size: int = typer.Option(64, help="Training batch size (at most the training split)."),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly), > 0."),
     augment: str = typer.Option("auto", help="Training augmentation: auto (light below 64px, timm's ImageNet "
                                 "policy from 64px), light, imagenet or none."),
     gpus_per_trial: float | None = typer.Option(None, help="GPUs per trial, fractions allowed "
@@ -159,8 +159,8 @@ def export(
 ) -> None:
     """Export the best configs of a search (its final ranking) from its stored study."""
     from .search import study as S
-    from .search.settings import load_settings
     from .search.report import export_best
+    from .search.settings import load_settings
 
     if top < 1:
         raise ValueError(f"invalid --top {top}; expected at least 1")
@@ -186,8 +186,8 @@ def train(
     dataset: str = typer.Option("fashion-mnist", help="As for `tokennas search`."),
     data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
     train_subset: int | None = typer.Option(None, help="Train on the first N training images."),
-    batch_size: int = typer.Option(128, help="Training batch size."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
     seed: int = typer.Option(0, help="Seeds the data split and the initialisation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:

@@ -93,9 +93,9 @@ def resume_settings(run_dir: Path, overrides: dict[str, Any]) -> SearchSettings:
         raise ValueError(f"{str(run_dir)!r} has no study.db; remove the folder and start the search again")
     fixed = sorted(k for k in overrides if k not in SearchSettings.RESUMABLE)
     if fixed:
-        name = fixed[0]
+        name, allowed = fixed[0], ", ".join("--" + k.replace("_", "-") for k in SearchSettings.RESUMABLE)
         raise ValueError(f"--{name.replace('_', '-')} cannot change on --resume (the run has "
-                         f"{getattr(stored, name)!r}); only {', '.join('--' + k.replace('_', '-') for k in SearchSettings.RESUMABLE)} can")
+                         f"{getattr(stored, name)!r}); only {allowed} can")
     return dataclasses.replace(stored, **overrides)
 
 
@@ -198,7 +198,8 @@ def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared) -> l
     from .report import ranked, trial_table
 
     top = ranked(trial_table(study), settings.objective).head(settings.retrain_top)
-    configs = {t.number: t.user_attrs["config"] for t in study.get_trials(deepcopy=False) if t.number in set(top["number"])}
+    chosen = set(top["number"])
+    configs = {t.number: t.user_attrs["config"] for t in study.get_trials(deepcopy=False) if t.number in chosen}
     sources: list[tuple[str, Any, Any]] = [("candidate", int(n), configs[int(n)]) for n in top["number"]]
     baseline = prepared.space.baseline(settings.budget, prepared.inputs)
     if baseline is not None and sources:

@@ -16,7 +16,8 @@ from ..flops import format_flops
 class LiveTable(Callback):
     """Each trial's state, FLOPs, epoch and validation accuracy, refreshed as results arrive."""
 
-    def __init__(self, searcher: Any, settings: Any, remaining: int, stage: str = "search", enabled: bool = True) -> None:
+    def __init__(self, searcher: Any, settings: Any, remaining: int, stage: str = "search",
+                 enabled: bool = True) -> None:
         self.searcher, self.settings, self.remaining, self.stage = searcher, settings, remaining, stage
         self.rows: dict[str, dict[str, Any]] = {}
         self.started = time.monotonic()
@@ -67,7 +68,8 @@ class LiveTable(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epoch = self.rows.get(trial.trial_id, {}).get("epoch") or 0
-        self._update(trial, state="COMPLETE" if epoch >= trial.config.get("epochs", self.settings.epochs) else "STOPPED")
+        planned = trial.config.get("epochs", self.settings.epochs)
+        self._update(trial, state="COMPLETE" if epoch >= planned else "STOPPED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, state="ERROR")

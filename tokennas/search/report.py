@@ -185,8 +185,8 @@ def export_best(study: optuna.Study, objective: str, top: int, out: Path) -> lis
     best = final_ranking(frame, retrain_table(runs), objective)
     best = best[best["role"] == "candidate"].head(top)
     trials = {t.number: t for t in study.trials}
-    entries = [(f"{rank:02d}-trial{row.number}-{format_flops(row.flops)}.yaml", trials[int(row.number)].user_attrs["config"])
-               for rank, row in enumerate(best.itertuples(), start=1)]
+    entries = [(f"{rank:02d}-trial{row.number}-{format_flops(row.flops)}.yaml",
+                trials[int(row.number)].user_attrs["config"]) for rank, row in enumerate(best.itertuples(), start=1)]
     return write_export(entries, out)
 
 
@@ -374,8 +374,8 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
     if len(failed):
         lines += [f"First failure: trial {failed.iloc[0]['number']}: {failed.iloc[0]['error']}", ""]
     if len(ranking):
-        lines += ["| rank | trial | val_acc re-ranked (mean ± sd, seeds) | val_acc in search | FLOPs | params | config |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| rank | trial | val_acc re-ranked (mean ± sd, seeds) | val_acc in search | FLOPs | params "
+                  "| config |", "|---|---|---|---|---|---|---|"]
         shown = ranking[ranking["retrained"] | (ranking["role"] == "candidate")]
         shown = shown[shown["retrained"] | (shown.groupby("role").cumcount() < settings.top)]
         exported = {p.name.split("-")[1]: p for p in best}  # "trialN" -> path
@@ -396,8 +396,8 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
     if baseline is not None:
         acc = base_row["val_acc"].iloc[0] if len(base_row) and pd.notna(base_row["val_acc"].iloc[0]) else None
         state = base_row["state"].iloc[0] if len(base_row) else "not run"
-        lines += ["", f"Uniform DeiT-style baseline within the budget: width {baseline.embed_dim}, depth {baseline.depth}, "
-                      f"heads {baseline.num_heads}, {format_flops(sum(baseline.flops_by_module().values()))} MACs; "
+        lines += ["", f"Uniform DeiT-style baseline within the budget: width {baseline.embed_dim}, "
+                      f"depth {baseline.depth}, heads {baseline.num_heads}, {format_flops(sum(baseline.flops_by_module().values()))} MACs; "
                       f"trained in the search: {f'{acc:.4f}' if acc is not None else state}."]
     again = ranking[ranking["retrained"]] if len(ranking) else ranking
     top, base = (again[again["role"] == r] for r in ("candidate", "baseline")) if len(again) else (again, again)

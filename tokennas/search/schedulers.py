@@ -51,7 +51,7 @@ class ParetoRungs(FIFOScheduler):
         while rung < max_t:
             self.rungs.append(rung)
             rung = max(rung + 1, math.ceil(rung * reduction_factor))
-        self.reduction_factor, self.metric, self.time_attr = reduction_factor, metric, time_attr
+        self.reduction_factor, self.metric_key, self.time_attr = reduction_factor, metric, time_attr
         self.records: dict[int, list[tuple[float, float]]] = {r: [] for r in self.rungs}
 
     def decide(self, rung: int, acc: float, flops: float) -> str:
@@ -65,9 +65,9 @@ class ParetoRungs(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         epoch = result.get(self.time_attr)
-        if not is_candidate(trial) or epoch not in self.records or self.metric not in result:
+        if not is_candidate(trial) or epoch not in self.records or self.metric_key not in result:
             return TrialScheduler.CONTINUE
-        return self.decide(epoch, float(result[self.metric]), float(trial.config.get("flops", 0)))
+        return self.decide(epoch, float(result[self.metric_key]), float(trial.config.get("flops", 0)))
 
 
 def make_scheduler(name: str, objective: str, epochs: int, warmup_epochs: float) -> TrialScheduler:

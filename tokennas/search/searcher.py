@@ -82,11 +82,12 @@ class BudgetSearcher(_RunsMixin, Searcher):
 
     def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int,
                  trials: int = 1_000_000, max_failures: int = 1_000_000, feasible: dict[str, dict] | None = None,
-                 jobs: list[dict[str, Any]] | None = None, seed: int = 0, stall: int = 50) -> None:
+                 jobs: list[dict[str, Any]] | None = None, seed: int = 0, stall: int = 20) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.study, self.space, self.inputs, self.budget = study, space, inputs, budget
         self.max_epochs, self.trials, self.max_failures = max_epochs, trials, max_failures
-        self.feasible = feasible or {}  # canonical config key -> parameters, for when the sampler stalls
+        # canonical config key -> parameters of every distinct feasible candidate, for when the sampler stalls
+        self.feasible = feasible if feasible is not None else space.feasible(budget, inputs)[0]
         self.jobs = list(jobs or [])
         self.runs = S.open_runs(study)
         self.live: dict[str, optuna.Trial] = {}

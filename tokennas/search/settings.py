@@ -35,8 +35,8 @@ class SearchSettings:
     data_dir: str | None = None
     img_size: int = 32
     train_subset: int | None = None
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 64
+    lr: float = 3e-3
     gpus_per_trial: float | None = None  # None: 1 when CUDA is present, else 0
     cpus_per_trial: float = 1.0
     time_budget: str | None = None  # e.g. "30m"; the search stops gracefully
