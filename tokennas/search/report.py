@@ -396,8 +396,9 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
     if baseline is not None:
         acc = base_row["val_acc"].iloc[0] if len(base_row) and pd.notna(base_row["val_acc"].iloc[0]) else None
         state = base_row["state"].iloc[0] if len(base_row) else "not run"
+        cost = format_flops(sum(baseline.flops_by_module().values()))
         lines += ["", f"Uniform DeiT-style baseline within the budget: width {baseline.embed_dim}, "
-                      f"depth {baseline.depth}, heads {baseline.num_heads}, {format_flops(sum(baseline.flops_by_module().values()))} MACs; "
+                      f"depth {baseline.depth}, heads {baseline.num_heads}, {cost} MACs; "
                       f"trained in the search: {f'{acc:.4f}' if acc is not None else state}."]
     again = ranking[ranking["retrained"]] if len(ranking) else ranking
     top, base = (again[again["role"] == r] for r in ("candidate", "baseline")) if len(again) else (again, again)
