@@ -206,7 +206,8 @@ def train(
               "test_loss": test["loss"], "flops": sum(model_config.flops_by_module().values()),
               "params": model_config.num_params()}
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result)
+    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result,
+                    data_config=data.data_config)  # the preprocessing timm's resolve_data_config gives back
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     console.print(f"test accuracy {test['acc']:.4f}; wrote {out}/metrics.json, history.csv, checkpoint.pt")
 

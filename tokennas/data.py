@@ -21,6 +21,25 @@ FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
 EMBEDDED = "fashion-mnist"
 
 
+def timm_data_config(dataset: str, img_size: int, in_chans: int = 3) -> dict:
+    """The preprocessing a model trained on ``dataset`` expects, as timm's data config.
+
+    ``timm.data.create_transform(**config)`` is the evaluation transform: for image folders and timm datasets it
+    is the one ``load_data`` applies; for the embedded Fashion-MNIST (1 channel) it resizes the whole 28px image,
+    as ``Batches`` does, and normalises with its statistics. Models carry it as their ``pretrained_cfg``.
+    """
+    from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if dataset == EMBEDDED:
+        mean, std, crop_pct = (FASHION_MNIST_STATS[0],), (FASHION_MNIST_STATS[1],), 1.0
+    elif in_chans == 3:
+        mean, std, crop_pct = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DEFAULT_CROP_PCT
+    else:
+        mean, std, crop_pct = (0.5,) * in_chans, (0.5,) * in_chans, DEFAULT_CROP_PCT
+    return {"input_size": (len(mean), img_size, img_size), "interpolation": "bilinear", "mean": tuple(mean),
+            "std": tuple(std), "crop_pct": crop_pct, "crop_mode": "center"}
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array."""
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
@@ -56,6 +75,7 @@ class DataBundle:
     num_classes: int
     img_size: int
     stats: tuple[float, float] = FASHION_MNIST_STATS
+    data_config: dict | None = None  # timm's data config of a model trained on it (see timm_data_config)
 
 
 def _split_indices(n: int, val_size: int, train_subset: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +116,7 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
     train_idx, val_idx = _split_indices(len(full), int(len(full) * val_fraction), train_subset, seed)
     split = lambda idx: TensorSplit(full.images[idx], full.labels[idx])  # noqa: E731
     return DataBundle(EMBEDDED, split(train_idx), split(val_idx), load("t10k") if with_test else None,
-                      in_chans=1, num_classes=10, img_size=img_size)
+                      in_chans=1, num_classes=10, img_size=img_size, data_config=timm_data_config(EMBEDDED, img_size))
 
 
 def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
@@ -116,7 +136,8 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
     except Exception as err:  # timm raises many kinds; the user needs the one line
         raise ValueError(f"cannot open dataset {name!r} in {str(root)!r}: {str(err).splitlines()[0]}") from None
     train_full.transform = create_transform(img_size, is_training=True)
-    eval_transform = create_transform(img_size, is_training=False)
+    data_config = timm_data_config(name, img_size)
+    eval_transform = create_transform(**data_config)  # what resolve_data_config gives for a model trained here
     if test is not None:
         test.transform = eval_transform
     train_idx, val_idx = _split_indices(len(train_full), max(1, int(len(train_full) * val_fraction)),
@@ -126,7 +147,8 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
     num_classes = _num_classes(train_full)
     return DataBundle(name, torch.utils.data.Subset(train_full, train_idx.tolist()),
                       torch.utils.data.Subset(val_full, val_idx.tolist()), test, in_chans=3,
-                      num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0))
+                      num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0),
+                      data_config=data_config)
 
 
 def _num_classes(dataset) -> int:
