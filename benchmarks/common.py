@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -21,8 +24,8 @@ def machine() -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-def throughput(model: torch.nn.Module, images: torch.Tensor, train: bool, iters: int, warmup: int = 2) -> float:
-    """Images per second of forward (eval) or forward+backward+AdamW step (train); bf16 autocast on CUDA."""
+def make_step(model: torch.nn.Module, images: torch.Tensor, train: bool) -> Callable[[], None]:
+    """One forward (eval, no grad) or forward + cross-entropy + backward + AdamW step; bf16 autocast on CUDA."""
     device = images.device
     model = model.to(device).train(train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
@@ -39,14 +42,49 @@ def throughput(model: torch.nn.Module, images: torch.Tensor, train: bool, iters:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
+    return step
+
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds per step of each contender, round by round: round i timed every contender once, in turn."""
+
+    seconds: dict[str, list[float]]
+
+    def speed_ratio(self, a: str, b: str) -> tuple[float, float, float]:
+        """How many times faster ``a`` ran than ``b``: median of the per-round ratios, and their 25th/75th percentile.
+
+        Each ratio pairs two steps taken back to back, so a slow spell of the machine slows both and cancels.
+        """
+        ratios = sorted(tb / ta for ta, tb in zip(self.seconds[a], self.seconds[b], strict=True))
+        if len(ratios) < 2:
+            return ratios[0], ratios[0], ratios[0]
+        low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        return statistics.median(ratios), low, high
+
+    def rate(self, name: str, items: int) -> float:
+        """Items per second at the median step time."""
+        return items / statistics.median(self.seconds[name])
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> Timings:
+    """Warm every step up, then time ``rounds`` rounds of one step each, in turn (the order rotates every round)."""
+    names = list(steps)
     for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return images.shape[0] * iters / (time.perf_counter() - start)
+        for name in names:
+            steps[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return Timings(seconds)
+
+
+def format_ratio(ratio: tuple[float, float, float], rounds: int) -> str:
+    median, low, high = ratio
+    return f"{median:.3f}x (IQR {low:.3f} to {high:.3f}, {rounds} paired rounds)"

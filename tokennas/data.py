@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+# Without root: the four IDX files in any folder named by $FASHION_MNIST_DIR (or passed as --data-dir).
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or DEBIAN_FASHION_MNIST_DIR)
+HOW_TO_GET_FASHION_MNIST = ("as root: apt-get install dataset-fashion-mnist; without root: put the four files "
+                            "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                            "t10k-labels-idx1-ubyte.gz from github.com/zalandoresearch/fashion-mnist) in a folder "
+                            "and set FASHION_MNIST_DIR=FOLDER or pass --data-dir FOLDER")
 FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
 EMBEDDED = "fashion-mnist"
 
@@ -107,8 +114,7 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
         files = {kind: next(iter(sorted(root.glob(f"{prefix}-{kind}-idx*-ubyte*"))), None)
                  for kind in ("images", "labels")}
         if None in files.values():
-            raise ValueError(f"Fashion-MNIST IDX files not found in {str(root)!r}; expected "
-                             f"{prefix}-images-idx3-ubyte.gz (apt-get install dataset-fashion-mnist)")
+            raise ValueError(f"Fashion-MNIST IDX files not found in {str(root)!r}; {HOW_TO_GET_FASHION_MNIST}")
         images = torch.from_numpy(read_idx(files["images"]).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
         return TensorSplit(images, torch.from_numpy(read_idx(files["labels"]).astype(np.int64)))
 
