@@ -87,4 +87,5 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int =
 
 def format_ratio(ratio: tuple[float, float, float], rounds: int) -> str:
     median, low, high = ratio
-    return f"{median:.3f}x (IQR {low:.3f} to {high:.3f}, {rounds} paired rounds)"
+    digits = 3 if median < 100 else 0
+    return f"{median:,.{digits}f}x (IQR {low:,.{digits}f} to {high:,.{digits}f}, {rounds} paired rounds)"

@@ -138,6 +138,7 @@ def fashion_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # about 25 s: trains two epochs on 400 images
 def test_timm_pipeline_reproduces_tokennas_train_accuracy(fashion_folder, tmp_path):
     config = tokennas.load_config(SEARCHED).replace(in_chans=3)  # timm's folder reader gives RGB
     tokennas.save_config(config, tmp_path / "searched.yaml")
