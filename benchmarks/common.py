@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import statistics
 import subprocess
@@ -21,7 +22,7 @@ def machine() -> str:
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
     except StopIteration:
         model = platform.processor() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {os.cpu_count()} cores, torch on {torch.get_num_threads()} thread(s)"
 
 
 def make_step(model: torch.nn.Module, images: torch.Tensor, train: bool) -> Callable[[], None]:
@@ -70,8 +71,16 @@ class Timings:
         return items / statistics.median(self.seconds[name])
 
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> Timings:
-    """Warm every step up, then time ``rounds`` rounds of one step each, in turn (the order rotates every round)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time, all threads
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2, clock: str = "wall") -> Timings:
+    """Warm every step up, then time ``rounds`` rounds of one step each, in turn (the order rotates every round).
+
+    ``clock="cpu"`` counts the process's CPU time rather than wall-clock: on a shared CPU other processes' load then
+    stretches neither step (use it with one thread, so that no thread spins while waiting for another).
+    """
+    timer = CLOCKS[clock]
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -79,9 +88,9 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int =
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = timer()
             steps[name]()
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(timer() - start)
     return Timings(seconds)
 
 
