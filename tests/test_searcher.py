@@ -197,3 +197,4 @@ def test_first_rung_comes_after_the_warmup():
     from tokennas.search.schedulers import first_rung
 
     assert first_rung(3, 1.0) == 2 and first_rung(3, 0.3) == 1 and first_rung(9, 2.5) == 3 and first_rung(1, 0.3) == 1
+    assert first_rung(8, 0.3) == 2

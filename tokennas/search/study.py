@@ -43,7 +43,7 @@ class FeasibleStartup(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         feasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                             TrialState.RUNNING))
-                       if t.number != trial.number and "flops" in t.user_attrs and not is_infeasible(t))
+                       if t.number != trial.number and t.constraints and not is_infeasible(t))
         self._active[trial.number] = self.startup if feasible < self.n_startup else self.model
         self._for(trial).before_trial(study, trial)
 
