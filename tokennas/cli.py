@@ -179,6 +179,25 @@ def report(run_dir: Path = typer.Argument(..., help="A search's run folder.")) -
 
 
 @app.command()
+def dashboard(
+    run_dir: Path = typer.Argument(..., help="A search's run folder."),
+    port: int = typer.Option(0, help="Port on 127.0.0.1 [default: a free one, printed]."),
+) -> None:
+    """Serve Optuna's dashboard over the run's study on 127.0.0.1 (pip install 'tokennas[dashboard]')."""
+    from .search.dashboard import dashboard_server
+
+    server = dashboard_server(_run_dir(run_dir), port)
+    print(f"optuna-dashboard for {run_dir} at http://127.0.0.1:{server.server_port}/dashboard/ (Ctrl-C stops it)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@app.command()
 def train(
     config: str = typer.Argument(..., help="A config .yaml (e.g. from best/) or a preset name."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -221,7 +240,8 @@ def train(
               "test_loss": test["loss"], "flops": sum(model_config.flops_by_module().values()),
               "params": model_config.num_params()}
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result)
+    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result,
+                    data_config=data.data_config)  # the preprocessing timm's resolve_data_config gives back
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     console.print(f"test accuracy {test['acc']:.4f}; wrote {out}/metrics.json, history.csv, checkpoint.pt")
 

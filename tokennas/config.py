@@ -110,24 +110,11 @@ def register_family(config_cls: type[ModelConfig], build: Callable[[Any], Any]) 
 
 
 def register_preset(name: str, config: ModelConfig, doc: str) -> None:
-    """Register a named paper variant, also as timm model ``tokennas_<name>``."""
-    import timm.models
+    """Register a named paper variant, also as timm model ``tokennas_<name>`` (see ``models/pretrained.py``)."""
+    from .models.pretrained import register_timm_preset
 
     PRESETS[name] = (config, doc)
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any):
-        if pretrained:
-            raise ValueError(f"tokennas_{name} ships no weights; build it and load a timm state dict instead")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        cfg = config.replace(**{k: v for k, v in kwargs.items() if v is not None}) if kwargs else config
-        return FAMILIES[cfg.family][1](cfg)
-
-    entrypoint.__name__ = f"tokennas_{name}"
-    entrypoint.__qualname__ = entrypoint.__name__
-    entrypoint.__doc__ = doc
-    entrypoint.__module__ = type(config).__module__
-    timm.models.register_model(entrypoint)
+    register_timm_preset(name, config, doc)
 
 
 def config_from_dict(data: Any) -> ModelConfig:

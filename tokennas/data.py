@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +17,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+# Without root: the four IDX files in any folder named by $FASHION_MNIST_DIR (or passed as --data-dir).
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or DEBIAN_FASHION_MNIST_DIR)
+HOW_TO_GET_FASHION_MNIST = ("as root: apt-get install dataset-fashion-mnist; without root: put the four files "
+                            "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                            "t10k-labels-idx1-ubyte.gz from github.com/zalandoresearch/fashion-mnist) in a folder "
+                            "and set FASHION_MNIST_DIR=FOLDER or pass --data-dir FOLDER")
 FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
 EMBEDDED = "fashion-mnist"
 AUGMENTS = ("auto", "light", "imagenet", "none")  # auto: light below 64px, timm's ImageNet policy from 64px
+
+
+def timm_data_config(dataset: str, img_size: int, in_chans: int = 3) -> dict:
+    """The preprocessing a model trained on ``dataset`` expects, as timm's data config.
+
+    ``timm.data.create_transform(**config)`` is the evaluation transform: for image folders and timm datasets it
+    is the one ``load_data`` applies; for the embedded Fashion-MNIST (1 channel) it resizes the whole 28px image,
+    as ``Batches`` does, and normalises with its statistics. Models carry it as their ``pretrained_cfg``.
+    """
+    from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if dataset == EMBEDDED:
+        mean, std, crop_pct = (FASHION_MNIST_STATS[0],), (FASHION_MNIST_STATS[1],), 1.0
+    elif in_chans == 3:
+        mean, std, crop_pct = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DEFAULT_CROP_PCT
+    else:
+        mean, std, crop_pct = (0.5,) * in_chans, (0.5,) * in_chans, DEFAULT_CROP_PCT
+    return {"input_size": (len(mean), img_size, img_size), "interpolation": "bilinear", "mean": tuple(mean),
+            "std": tuple(std), "crop_pct": crop_pct, "crop_mode": "center"}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -57,6 +83,7 @@ class DataBundle:
     num_classes: int
     img_size: int
     stats: tuple[float, float] = FASHION_MNIST_STATS
+    data_config: dict | None = None  # timm's data config of a model trained on it (see timm_data_config)
 
 
 def _split_indices(n: int, val_size: int, train_subset: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,8 +133,7 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
         files = {kind: next(iter(sorted(root.glob(f"{prefix}-{kind}-idx*-ubyte*"))), None)
                  for kind in ("images", "labels")}
         if None in files.values():
-            raise ValueError(f"Fashion-MNIST IDX files not found in {str(root)!r}; expected "
-                             f"{prefix}-images-idx3-ubyte.gz (apt-get install dataset-fashion-mnist)")
+            raise ValueError(f"Fashion-MNIST IDX files not found in {str(root)!r}; {HOW_TO_GET_FASHION_MNIST}")
         images = torch.from_numpy(read_idx(files["images"]).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
         return TensorSplit(images, torch.from_numpy(read_idx(files["labels"]).astype(np.int64)))
 
@@ -115,7 +141,7 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
     train_idx, val_idx = _split_indices(len(full), int(len(full) * val_fraction), train_subset, seed)
     split = lambda idx: TensorSplit(full.images[idx], full.labels[idx])  # noqa: E731
     return DataBundle(EMBEDDED, split(train_idx), split(val_idx), load("t10k") if with_test else None,
-                      in_chans=1, num_classes=10, img_size=img_size)
+                      in_chans=1, num_classes=10, img_size=img_size, data_config=timm_data_config(EMBEDDED, img_size))
 
 
 def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test, augment) -> DataBundle:
@@ -135,7 +161,8 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
     except Exception as err:  # timm raises many kinds; the user needs the one line
         raise ValueError(f"cannot open dataset {name!r} in {str(root)!r}: {str(err).splitlines()[0]}") from None
     train_full.transform = train_transform(img_size, augment)
-    eval_transform = create_transform(img_size, is_training=False)
+    data_config = timm_data_config(name, img_size)
+    eval_transform = create_transform(**data_config)  # what resolve_data_config gives for a model trained here
     if test is not None:
         test.transform = eval_transform
     train_idx, val_idx = _split_indices(len(train_full), max(1, int(len(train_full) * val_fraction)),
@@ -145,7 +172,8 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
     num_classes = _num_classes(train_full)
     return DataBundle(name, torch.utils.data.Subset(train_full, train_idx.tolist()),
                       torch.utils.data.Subset(val_full, val_idx.tolist()), test, in_chans=3,
-                      num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0))
+                      num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0),
+                      data_config=data_config)
 
 
 def _num_classes(dataset) -> int:

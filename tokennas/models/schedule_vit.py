@@ -29,6 +29,7 @@ from .layers import (
     ln_flops,
     pooled_length,
 )
+from .pretrained import TimmModel
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,7 +119,7 @@ class ScheduleViTConfig(ModelConfig):
         return total + 2 * D + D * self.num_classes + self.num_classes
 
 
-class ScheduleViT(nn.Module):
+class ScheduleViT(TimmModel, nn.Module):
     """Isotropic ViT; the token schedule (pooling, attention sharing) lives in ``forward_features``."""
 
     def __init__(self, config: ScheduleViTConfig, norm_layer: type[nn.Module] | None = None) -> None:
@@ -154,6 +155,7 @@ class ScheduleViT(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():
             init_weights_vit_timm(module)
+        self.init_pretrained_cfg()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
