@@ -31,7 +31,7 @@ class ChannelsSpace(Space):
 
 
 def settings(**changes) -> SearchSettings:
-    base = dict(space="psvit", flops="30M", trials=2, epochs=2, train_subset=500, seed=0, retrain_top=0,
+    base = dict(space="psvit", flops="30M", trials=2, epochs=2, train_subset=300, seed=0, retrain_top=0,
                 cpus_per_trial=2.0, sampler="random")
     return SearchSettings(**{**base, **changes})
 
@@ -75,8 +75,8 @@ def test_pareto_rungs_keep_the_cheapest_candidate_on_the_front(tmp_path):
 
 def test_a_deadline_cuts_a_trial_and_resume_trains_it_again(tmp_path):
     run_dir = tmp_path / "run"
-    run_search(settings(trials=2, epochs=3, train_subset=3000, time_budget="25s", scheduler="fifo"), out=run_dir,
-               progress=False)
+    run_search(settings(trials=2, epochs=3, train_subset=3000, time_budget="25s", scheduler="fifo", cpus_per_trial=1.0),
+               out=run_dir, progress=False)
     frame = table(run_dir)
     cut = frame[frame["state"] == "INTERRUPTED"]
     assert len(cut) >= 1 and cut["error"].str.contains("cut by --time-budget after epoch").all()
