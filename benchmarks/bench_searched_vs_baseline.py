@@ -1,8 +1,10 @@
 """Searched against uniform at equal FLOPs, on the test split.
 
     python benchmarks/bench_searched_vs_baseline.py RUN_DIR [--top 3 --seeds 5 --epochs 8 --subset 3000 --workers 2]
+    python benchmarks/bench_searched_vs_baseline.py benchmarks/ground_truth_psvit30M.csv --subset 1000
 
-The top ``--top`` configs of a finished search (``RUN_DIR/best/``, its final ranking) and the space's
+The top ``--top`` configs of a finished search (``RUN_DIR/best/``, its final ranking; or, given the
+ground-truth CSV, the exhaustive search over its table: the best by validation accuracy) and the space's
 uniform baseline within the same budget are each trained from scratch with ``--seeds`` seeds, then
 scored once on the Fashion-MNIST test split. For each searched config the paired difference (same seed,
 same data) to the baseline is reported with a bootstrap 95% confidence interval of its mean; a win is
@@ -65,12 +67,26 @@ def main() -> None:
     from tokennas.search.settings import load_settings
     from tokennas.spaces import Inputs
 
-    settings = load_settings(args.run_dir)
-    searched = sorted((args.run_dir / "best").glob("*.yaml"))[: args.top]
-    configs = {path.name.split("-")[1]: load_config(str(path)) for path in searched}
-    first = next(iter(configs.values()))
-    configs["baseline"] = settings.space_object().baseline(
-        settings.budget, Inputs(first.img_size, first.in_chans, first.num_classes))
+    if args.run_dir.suffix == ".csv":
+        import json
+
+        from tokennas.config import config_from_dict
+        from tokennas.spaces import get_space
+
+        table = pd.read_csv(args.run_dir)
+        hi = table[(table["fidelity"] == "hi") & (table["role"] == "candidate")]
+        best = hi.groupby("candidate").agg(val_acc=("val_acc", "mean"), config=("config", "first"))
+        best = best.sort_values("val_acc", ascending=False).head(args.top)
+        configs = {name: config_from_dict(json.loads(row.config)) for name, row in best.iterrows()}
+        first = next(iter(configs.values()))
+        configs["baseline"] = get_space("psvit").baseline(30_000_000, Inputs(first.img_size, 1, 10))
+    else:
+        settings = load_settings(args.run_dir)
+        searched = sorted((args.run_dir / "best").glob("*.yaml"))[: args.top]
+        configs = {path.name.split("-")[1]: load_config(str(path)) for path in searched}
+        first = next(iter(configs.values()))
+        configs["baseline"] = settings.space_object().baseline(
+            settings.budget, Inputs(first.img_size, first.in_chans, first.num_classes))
     done = set()
     if args.out.exists():
         old = pd.read_csv(args.out)

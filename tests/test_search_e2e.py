@@ -19,7 +19,7 @@ from tokennas.search import study as S
 OUTPUTS = ("trials.csv", "pareto.png", "report.html", "summary.md", "study.db", "search.yaml")
 QUICK = ("--trials", "2", "--epochs", "1", "--train-subset", "500", "--seed", "0", "--retrain-top", "0", "--quiet")
 RERANK = ("--trials", "2", "--epochs", "2", "--train-subset", "500", "--seed", "0", "--retrain-top", "1",
-          "--retrain-epochs", "1", "--retrain-seeds", "2", "--quiet")
+          "--retrain-epochs", "1", "--retrain-seeds", "2", "--scheduler", "fifo", "--quiet")
 
 
 def cli(*args, **kwargs):
