@@ -73,11 +73,12 @@ def test_psvit_search_trains_the_baseline_and_reranks_on_two_seeds(psvit_run):
     ranking = pd.read_csv(psvit_run / "ranking.csv")
     top = ranking.iloc[0]
     assert top["role"] == "candidate" and top["seeds"] == 2
-    runs = retrained[retrained["source"] == str(top["number"])]["val_acc"]
+    number = int(top["number"])
+    runs = retrained[retrained["source"] == str(number)]["val_acc"]
     assert top["val_acc_mean"] == pytest.approx(runs.mean()) and top["val_acc_std"] == pytest.approx(runs.std())
     summary = (psvit_run / "summary.md").read_text()
     assert "(2 seeds)" in summary and "| baseline |" in summary and "against the baseline" in summary
-    assert f"best/01-trial{top['number']}-" in summary
+    assert f"best/01-trial{number}-" in summary
 
 
 def test_export_never_deletes_what_a_user_wrote(psvit_run, tmp_path):

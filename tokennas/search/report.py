@@ -134,7 +134,8 @@ def final_ranking(frame: pd.DataFrame, retrained: pd.DataFrame, objective: str) 
     table["score"] = table["val_acc_mean"].where(table["retrained"], table["search_val_acc"]).astype(float)
     if objective == "pareto":
         table["pareto"] = False
-        table.loc[table["retrained"], "pareto"] = pareto_mask(table[table["retrained"]], "score")
+        if table["retrained"].any():
+            table.loc[table["retrained"], "pareto"] = pareto_mask(table[table["retrained"]], "score").astype(bool)
         keys, ascending = ["retrained", "pareto", "score", "flops"], [False, False, False, True]
     else:
         keys, ascending = ["retrained", "score", "flops"], [False, False, True]
