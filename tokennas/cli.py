@@ -123,12 +123,11 @@ def search(
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, the best are re-ranked on more
     seeds against the uniform baseline, reports come out."""
-    import click
-
     from .search.driver import run_search
     from .search.settings import SearchSettings
 
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    # typer may vendor its own click: compare the parameter source by name
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
     options = {k: v for k, v in ctx.params.items() if k not in ("out", "resume", "quiet")}
     if resume is not None:
         if "out" in given:
