@@ -77,7 +77,7 @@ def test_pareto_rungs_keep_the_cheapest_candidate_on_the_front(tmp_path):
 def test_a_deadline_cuts_a_trial_and_resume_trains_it_again(tmp_path):
     run_dir = tmp_path / "run"
     with contextlib.suppress(SearchFailed):  # when the deadline cut every candidate, nothing was trained: exit 1
-        run_search(settings(trials=2, epochs=3, train_subset=3000, time_budget="15s", scheduler="fifo",
+        run_search(settings(trials=2, epochs=6, train_subset=3000, time_budget="25s", scheduler="fifo",
                             cpus_per_trial=1.0), out=run_dir, progress=False)
     frame = table(run_dir)
     cut = frame[frame["state"] == "INTERRUPTED"]
