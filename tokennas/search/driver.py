@@ -148,13 +148,8 @@ def _trained(study) -> int:
     return sum(S.trained(t) for t in study.get_trials(deepcopy=False))
 
 
-def _failures(study, runs) -> list:
-    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if S.is_failed(t)]
-    return failed + [t for t in runs.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
-
-
 def _stopped(settings: SearchSettings, study, runs) -> bool:
-    return len(_failures(study, runs)) >= settings.max_failures
+    return len(S.failures(study, runs)) >= settings.max_failures
 
 
 def _needs_search(settings: SearchSettings, study, runs) -> bool:
@@ -210,7 +205,7 @@ def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared) -> l
 
 
 def _raise_on_failure(settings: SearchSettings, study, runs) -> None:
-    failures = _failures(study, runs)
+    failures = S.failures(study, runs)
     first = min(failures, key=lambda t: t.datetime_start or t.datetime_complete) if failures else None
     where = (f"trial {first.number}" if first is not None and first.user_attrs.get("role") is None
              else f"{first.user_attrs.get('role')} run" if first is not None else "")
@@ -291,7 +286,7 @@ def _tune(settings: SearchSettings, prepared: Prepared, study, run_dir: Path, st
                                    TrainSettings().warmup_epochs)
         total = settings.trials - _trained(study) + len(jobs)
     else:
-        searcher = JobSearcher(study, jobs, max_failures=settings.max_failures - len(_failures(study,
+        searcher = JobSearcher(study, jobs, max_failures=settings.max_failures - len(S.failures(study,
                                                                                              S.open_runs(study))))
         scheduler = make_scheduler("fifo", settings.objective, settings.retrain_epochs, 0)
         total = len(jobs)

@@ -133,8 +133,7 @@ class BudgetSearcher(_RunsMixin, Searcher):
         return sum(S.trained(t) for t in self.study.get_trials(deepcopy=False))
 
     def failures(self) -> list[optuna.trial.FrozenTrial]:
-        runs = [t for t in self.runs.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
-        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if S.is_failed(t)] + runs
+        return S.failures(self.study, self.runs)
 
     def stopped_for_failures(self) -> bool:
         return len(self.failures()) >= self.max_failures

@@ -167,6 +167,12 @@ def is_failed(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and "error" in trial.user_attrs
 
 
+def failures(study: optuna.Study, runs: optuna.Study) -> list[FrozenTrial]:
+    """Trials whose training raised or diverged, in the search and in the reference/re-ranking runs."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if is_failed(t)]
+    return failed + [t for t in runs.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
+
+
 def trained(trial: FrozenTrial) -> bool:
     """A feasible candidate that finished training or was stopped early by the scheduler."""
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_infeasible(trial) \
