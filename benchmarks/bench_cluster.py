@@ -4,7 +4,8 @@
 
 One local Ray cluster (a head without CPUs, where the driver runs, and worker nodes of 1 CPU each), measured
 in one run: the same search (same seed, so the same candidates) on one worker node, then with a second worker
-node added, interleaved pair by pair (1, 2, 2, 1, ...). Throughput is trained candidates over the Tune phase,
+node added, interleaved pair by pair (1, 2, 2, 1, ...). No re-ranking; the search's baseline run is part of the
+work in both. Throughput is trained candidates over the Tune phase,
 from the first trial's start to the last trial's end as the Optuna study records them, so that process start,
 data loading and reports (which do not scale with nodes) are left out. The median of the paired ratios is
 reported.
@@ -34,7 +35,8 @@ def candidates_per_hour(address: str, run_dir: Path, args: argparse.Namespace) -
     subprocess.run([sys.executable, "-m", "tokennas.cli", "search", "--space", "psvit", "--flops", "30M",
                     "--trials", str(args.trials), "--epochs", str(args.epochs),
                     "--train-subset", str(args.train_subset),
-                    "--scheduler", "fifo", "--seed", "0", "--quiet", "--ray-address", address, "--out", str(run_dir)],
+                    "--scheduler", "fifo", "--retrain-top", "0", "--seed", "0", "--quiet", "--ray-address", address,
+                    "--out", str(run_dir)],
                    check=True, capture_output=True)
     study = optuna.load_study(storage=f"sqlite:///{run_dir / 'study.db'}", study_name=S.STUDY_NAME)
     trained = [t for t in study.trials if S.trained(t)]

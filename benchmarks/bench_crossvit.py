@@ -1,15 +1,14 @@
 """Throughput of our ``crossvit_9`` against timm's ``crossvit_9_240`` on the CPU: inference and a training step.
 
-Both models hold the same weights. Steps alternate between the two and each reports its median step, so that
-a busy machine penalises neither. Target: ours / timm >= 0.95. Run: ``.venv/bin/python benchmarks/bench_crossvit.py``.
+Both models hold the same weights. After a warm-up, steps alternate between the two (``common.interleaved``) and
+the ratio is the median of the per-round ratios, so that a busy machine penalises neither. Target: ours / timm
+>= 0.95. Run: ``.venv/bin/python benchmarks/bench_crossvit.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import format_ratio, interleaved, machine  # noqa: E402
 
 import tokennas  # noqa: E402
 import tokennas.models.crossvit  # noqa: E402, F401  (registers the presets)
@@ -46,8 +45,7 @@ def make_step(model: nn.Module, batch: int, train: bool) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per model and mode")
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds per mode; stops early after 3 steps")
+    parser.add_argument("--steps", type=int, default=10, help="interleaved rounds per mode (one step each)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -57,24 +55,14 @@ def main() -> None:
     ours.load_state_dict(reference.state_dict())
     models = {"tokennas crossvit_9": ours, "timm crossvit_9_240": reference}
     print(f"machine: {machine()}; torch {torch.__version__}, timm {timm.__version__}; batch {args.batch}, 240px, "
-          f"float32, median of up to {args.steps} interleaved steps")
+          f"float32, {args.steps} interleaved rounds after a warm-up")
     for mode, train in (("inference", False), ("training step", True)):
-        steps = {name: make_step(model, args.batch, train) for name, model in models.items()}
-        times: dict[str, list[float]] = {name: [] for name in models}
-        for step in steps.values():
-            step()  # warm-up
-        deadline = time.perf_counter() + args.budget
-        for i in range(args.steps):
-            if i >= 3 and time.perf_counter() > deadline:
-                break
-            for name in sorted(steps, reverse=bool(i % 2)):  # alternate who goes first
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
-        ours_rate, timm_rate = (args.batch / statistics.median(t) for t in times.values())
-        print(f"{mode} ({len(times[name])} steps each): tokennas crossvit_9 {ours_rate:.1f} img/s, "
-              f"timm crossvit_9_240 {timm_rate:.1f} img/s, ratio {ours_rate / timm_rate:.3f}")
-
+        timings = interleaved({name: make_step(model, args.batch, train) for name, model in models.items()},
+                              rounds=args.steps, warmup=1)
+        ours_rate, timm_rate = (timings.rate(name, args.batch) for name in models)
+        ratio = timings.speed_ratio("tokennas crossvit_9", "timm crossvit_9_240")
+        print(f"{mode}: tokennas crossvit_9 {ours_rate:.1f} img/s, timm crossvit_9_240 {timm_rate:.1f} img/s, "
+              f"ratio {format_ratio(ratio, args.steps)}")
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,14 @@ def _pg_bin(name: str) -> str:
     return found
 
 
+def postgres_installed() -> bool:
+    try:
+        _pg_bin("initdb")
+    except RuntimeError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def postgres_server():
     """A PostgreSQL server on 127.0.0.1:PORT with role ``tokennas`` (password auth) and database ``tokennas``.

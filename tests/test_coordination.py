@@ -20,15 +20,21 @@ def driver(path, target, seed):
     """One driver's searcher, with its own storage handle on the shared journal file (as a process would)."""
     study = S.open_study(JournalStorage(JournalFileBackend(str(path))), "acc", S.make_sampler("random", seed, 8),
                          create=True, study_name="shared")
-    return BudgetSearcher(study, get_space("psvit"), Inputs(), BUDGET, max_epochs=1, target=target)
+    return BudgetSearcher(study, get_space("psvit"), Inputs(), BUDGET, max_epochs=1, trials=target)
 
 
 def run(searcher, prefix, errors, together=None):
     try:
         i = 0
-        if together is not None:
-            together.wait(timeout=60)  # both drivers start proposing at the same moment
-        while (suggestion := searcher.suggest(f"{prefix}{i}")) != Searcher.FINISHED:
+        while True:
+            suggestion = searcher.suggest(f"{prefix}{i}")
+            if together is not None:  # in lock step: both drivers propose before either finishes a trial
+                try:
+                    together.wait(timeout=5)
+                except threading.BrokenBarrierError:  # the other driver is done
+                    together = None
+            if suggestion == Searcher.FINISHED:
+                break
             if suggestion is not None:
                 searcher.on_trial_complete(f"{prefix}{i}", {"val_acc": 0.5, "epoch": 1})
                 i += 1

@@ -77,6 +77,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # about 45 s: fvcore traces of random configs
 def test_costs_match_fvcore_on_random_configs(one_thread):
     rng = random.Random(0)
     for _ in range(200):

@@ -14,13 +14,14 @@ import tokennas
 import tokennas.models.quadformer  # noqa: F401  (registers the family and presets)
 import tokennas.spaces.quadtree  # noqa: F401  (registers the space)
 from tokennas.config import load_config, save_config
+from tokennas.data import FASHION_MNIST_DIR
 from tokennas.flops import flops_by_module, fvcore_analysis
 from tokennas.models.quadformer import Quadformer, QuadformerConfig
 from tokennas.models.quadtree import draw_mosaic, select_splits, tokenizer_from_config
 from tokennas.models.schedule_vit import ScheduleViT, ScheduleViTConfig
 from tokennas.spaces import Inputs, get_space
 
-FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+FMNIST = FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz"  # Debian's package or $FASHION_MNIST_DIR
 # Zero-MAC ops the feature (lcnet's hard-swish) and random scorers trace that flops.ZERO_COST_OPS lacks so far.
 PENDING_ZERO_COST = ("aten::hardswish", "aten::hardswish_", "aten::rand")
 TINY = dict(in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2)

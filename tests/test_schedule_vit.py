@@ -76,11 +76,14 @@ def test_identity_schedule_loads_timm_weights(timm_name, ours):
         assert (model(x) - reference(x)).abs().max().item() < 1e-5
 
 
-def test_average_head_matches_timm_global_avg_pool():
+def test_average_head_normalises_then_averages_as_hvt_does():
+    """HVT's code (zhuang-group/HVT, models.py) applies the final norm to every token and then averages;
+    that is timm's average head with ``fc_norm=False``, not timm's default (average, then norm)."""
     config = ScheduleViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2, num_classes=10,
                                class_token=False)
     reference = timm.models.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2,
-                                              num_classes=10, class_token=False, global_pool="avg").eval()
+                                              num_classes=10, class_token=False, global_pool="avg",
+                                              fc_norm=False).eval()
     model = ScheduleViT(config).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)

@@ -86,28 +86,39 @@ def spaces(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
 
 @app.command()
 def search(
+    ctx: typer.Context,
     space: str | None = typer.Option(None, help="Search space: psvit, hvt, ... (see `tokennas spaces`)."),
     flops: str | None = typer.Option(None, help="Hard FLOPs (MACs) budget per image, e.g. 30M or 4G."),
-    trials: int = typer.Option(12, help="Feasible candidates to train (over-budget proposals don't count)."),
+    trials: int = typer.Option(12, help="Candidates to train; over-budget, repeated and failed proposals don't count."),
     epochs: int = typer.Option(3, help="Training epochs per candidate (ASHA may stop weak ones sooner)."),
     objective: str = typer.Option("acc", help="acc: best validation accuracy; pareto: accuracy up, FLOPs down."),
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2 or random."),
-    scheduler: str = typer.Option("asha", help="asha (early stopping) or fifo (none)."),
+    scheduler: str = typer.Option("asha", help="asha (early stopping after the warm-up) or fifo (none)."),
     seed: int = typer.Option(0, help="Seeds the sampler, the data split and the initialisation."),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist (embedded), a timm dataset name such as "
                                 "torch/cifar10, or folder (an image folder with train/ and validation/)."),
     data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
     img_size: int = typer.Option(32, help="Input resolution; FLOPs are counted at it."),
     train_subset: int | None = typer.Option(None, help="Train on the first N training images (quick searches)."),
-    batch_size: int = typer.Option(128, help="Training batch size."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
+    batch_size: int = typer.Option(64, help="Training batch size (at most the training split)."),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly), > 0."),
+    augment: str = typer.Option("auto", help="Training augmentation: auto (light below 64px, timm's ImageNet "
+                                "policy from 64px), light, imagenet or none."),
     gpus_per_trial: float | None = typer.Option(None, help="GPUs per trial, fractions allowed "
                                                    "[default: 1 with CUDA, else 0]."),
-    cpus_per_trial: float = typer.Option(1.0, help="CPU cores per trial."),
-    time_budget: str | None = typer.Option(None, help="Stop gracefully after this long, e.g. 30m or 2h."),
+    cpus_per_trial: float = typer.Option(1.0, help="CPU cores per trial; also the data-loader processes."),
+    time_budget: str | None = typer.Option(None, help="Stop gracefully after this long, e.g. 30m or 2h; cut "
+                                           "trials are trained again on --resume."),
+    max_failures: int = typer.Option(3, help="Stop the search (exit 1) after this many failed trials."),
+    retrain_top: int = typer.Option(3, help="Re-rank: train the top K candidates and the baseline again (0: off)."),
+    retrain_epochs: int = typer.Option(6, help="Epochs of each re-ranking run."),
+    retrain_seeds: int = typer.Option(2, help="Seeds per re-ranked candidate; the ranking uses their mean."),
     top: int = typer.Option(5, help="How many best configs to export into best/."),
+    scorer_weights: str | None = typer.Option(None, help="lcnet_050 weights: puts the quadtree space's `feature` "
+                                              "saliency scorer in the search."),
     out: Path | None = typer.Option(None, help="Run folder [default: results/<space>-<timestamp>]."),
-    resume: Path | None = typer.Option(None, help="Continue the interrupted search in this run folder."),
+    resume: Path | None = typer.Option(None, help="Continue or extend the search in this run folder "
+                                       "(with --trials, --time-budget, --max-failures, --retrain-*, --top)."),
     quiet: bool = typer.Option(False, "--quiet", help="No live table."),
     ray_address: str | None = typer.Option(None, help="local (a private Ray, the default), auto (the cluster "
                                            "`ray start` set up here), HOST:PORT or ray://HOST:PORT."),
@@ -120,23 +131,25 @@ def search(
     heartbeat: int = typer.Option(30, help="Seconds between heartbeats on an RDB --storage; a driver silent for "
                                   "twice that is taken as dead and its trials are run again."),
 ) -> None:
-    """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, reports come out."""
+    """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, the best are re-ranked on more
+    seeds against the uniform baseline, reports come out."""
     from .search.driver import run_search
     from .search.settings import SearchSettings
 
+    # typer may vendor its own click: compare the parameter source by name
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+    options = {k: v for k, v in ctx.params.items() if k not in ("out", "resume", "quiet")}
     if resume is not None:
-        run_dir = run_search(None, resume=resume, progress=not quiet)  # a folder without search.yaml is refused
+        if "out" in given:
+            raise ValueError("--out cannot be given with --resume; the run folder is the one resumed")
+        overrides = {k: options[k] for k in given if k in options}
+        run_dir = run_search(None, resume=resume, progress=not quiet, overrides=overrides)
     else:
         if space is None or flops is None:
             raise ValueError("--space and --flops are required (or --resume RUN_DIR)")
-        settings = SearchSettings(space=space, flops=flops, trials=trials, epochs=epochs, objective=objective,
-                                  sampler=sampler, scheduler=scheduler, seed=seed, dataset=dataset, data_dir=data_dir,
-                                  img_size=img_size, train_subset=train_subset, batch_size=batch_size, lr=lr,
-                                  gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
-                                  time_budget=time_budget, top=top, ray_address=ray_address,
-                                  ray_storage=ray_storage, storage=storage, study_name=study_name, heartbeat=heartbeat)
-        run_dir = run_search(settings, out=out, progress=not quiet)
-    console.print(f"results in {run_dir}: trials.csv, best/, pareto.png, report.html, summary.md")
+        run_dir = run_search(SearchSettings(**options), out=out, progress=not quiet)
+    console.print(f"results in {run_dir}: trials.csv, ranking.csv, retrain.csv, best/, pareto.png, report.html, "
+                  "summary.md")
     console.print((run_dir / "summary.md").read_text())
 
 
@@ -152,9 +165,10 @@ def _run_dir(path: Path) -> Path:
 def export(
     run_dir: Path = typer.Argument(..., help="A search's run folder."),
     top: int = typer.Option(5, help="How many configs, best first."),
-    out: Path = typer.Option(..., help="Folder to write 01-*.yaml, 02-*.yaml... into (replaced)."),
+    out: Path = typer.Option(..., help="Folder to write 01-*.yaml, 02-*.yaml... into: new, empty or a previous "
+                             "export, whose configs are replaced; nothing else in it is touched."),
 ) -> None:
-    """Export the best configs of a search from its stored study."""
+    """Export the best configs of a search (its final ranking) from its stored study."""
     from .search.report import export_best
     from .search.settings import load_settings
     from .search.storage import open_run_study
@@ -162,7 +176,6 @@ def export(
     if top < 1:
         raise ValueError(f"invalid --top {top}; expected at least 1")
     settings = load_settings(_run_dir(run_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
     for path in export_best(open_run_study(run_dir, settings), settings.objective, top, out):
         console.print(str(path))
 
@@ -177,6 +190,25 @@ def report(run_dir: Path = typer.Argument(..., help="A search's run folder.")) -
 
 
 @app.command()
+def dashboard(
+    run_dir: Path = typer.Argument(..., help="A search's run folder."),
+    port: int = typer.Option(0, help="Port on 127.0.0.1 [default: a free one, printed]."),
+) -> None:
+    """Serve Optuna's dashboard over the run's study on 127.0.0.1 (pip install 'tokennas[dashboard]')."""
+    from .search.dashboard import dashboard_server
+
+    server = dashboard_server(_run_dir(run_dir), port)
+    print(f"optuna-dashboard for {run_dir} at http://127.0.0.1:{server.server_port}/dashboard/ (Ctrl-C stops it)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@app.command()
 def train(
     config: str = typer.Argument(..., help="A config .yaml (e.g. from best/) or a preset name."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -184,8 +216,8 @@ def train(
     dataset: str = typer.Option("fashion-mnist", help="As for `tokennas search`."),
     data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
     train_subset: int | None = typer.Option(None, help="Train on the first N training images."),
-    batch_size: int = typer.Option(128, help="Training batch size."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
     seed: int = typer.Option(0, help="Seeds the data split and the initialisation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -219,7 +251,8 @@ def train(
               "test_loss": test["loss"], "flops": sum(model_config.flops_by_module().values()),
               "params": model_config.num_params()}
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result)
+    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result,
+                    data_config=data.data_config)  # the preprocessing timm's resolve_data_config gives back
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     console.print(f"test accuracy {test['acc']:.4f}; wrote {out}/metrics.json, history.csv, checkpoint.pt")
 
@@ -242,6 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         code = 2
+    except RuntimeError as err:
+        if type(err).__name__ != "SearchFailed":
+            raise
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -34,6 +34,9 @@ class ModelConfig:
         for name in ("img_size", "in_chans", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # sizes and counts that every family divides by or loops over
+            if f.name.endswith(POSITIVE_SUFFIXES) and any(v < 1 for v in _ints(getattr(self, f.name))):
+                raise ValueError(f"`{f.name}` must be positive, got {getattr(self, f.name)!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -60,6 +63,15 @@ class ModelConfig:
     def tokens_per_block(self) -> dict[str, tuple[int, ...]]:
         """Tokens each block sees, per token stream (one stream for single-branch families)."""
         raise NotImplementedError
+
+
+POSITIVE_SUFFIXES = ("patch_size", "img_size", "embed_dim", "depth", "num_heads", "window_size")
+
+
+def _ints(value: Any) -> list[int]:
+    if isinstance(value, (tuple, list)):
+        return [i for v in value for i in _ints(v)]
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else []
 
 
 def _listify(value: Any) -> Any:
@@ -98,24 +110,11 @@ def register_family(config_cls: type[ModelConfig], build: Callable[[Any], Any]) 
 
 
 def register_preset(name: str, config: ModelConfig, doc: str) -> None:
-    """Register a named paper variant, also as timm model ``tokennas_<name>``."""
-    import timm.models
+    """Register a named paper variant, also as timm model ``tokennas_<name>`` (see ``models/pretrained.py``)."""
+    from .models.pretrained import register_timm_preset
 
     PRESETS[name] = (config, doc)
-
-    def entrypoint(pretrained: bool = False, **kwargs: Any):
-        if pretrained:
-            raise ValueError(f"tokennas_{name} ships no weights; build it and load a timm state dict instead")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
-        cfg = config.replace(**{k: v for k, v in kwargs.items() if v is not None}) if kwargs else config
-        return FAMILIES[cfg.family][1](cfg)
-
-    entrypoint.__name__ = f"tokennas_{name}"
-    entrypoint.__qualname__ = entrypoint.__name__
-    entrypoint.__doc__ = doc
-    entrypoint.__module__ = type(config).__module__
-    timm.models.register_model(entrypoint)
+    register_timm_preset(name, config, doc)
 
 
 def config_from_dict(data: Any) -> ModelConfig:

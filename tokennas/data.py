@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +17,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+# Without root: the four IDX files in any folder named by $FASHION_MNIST_DIR (or passed as --data-dir).
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or DEBIAN_FASHION_MNIST_DIR)
+HOW_TO_GET_FASHION_MNIST = ("as root: apt-get install dataset-fashion-mnist; without root: put the four files "
+                            "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                            "t10k-labels-idx1-ubyte.gz from github.com/zalandoresearch/fashion-mnist) in a folder "
+                            "and set FASHION_MNIST_DIR=FOLDER or pass --data-dir FOLDER")
 FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
 EMBEDDED = "fashion-mnist"
+AUGMENTS = ("auto", "light", "imagenet", "none")  # auto: light below 64px, timm's ImageNet policy from 64px
+
+
+def timm_data_config(dataset: str, img_size: int, in_chans: int = 3) -> dict:
+    """The preprocessing a model trained on ``dataset`` expects, as timm's data config.
+
+    ``timm.data.create_transform(**config)`` is the evaluation transform: for image folders and timm datasets it
+    is the one ``load_data`` applies; for the embedded Fashion-MNIST (1 channel) it resizes the whole 28px image,
+    as ``Batches`` does, and normalises with its statistics. Models carry it as their ``pretrained_cfg``.
+    """
+    from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if dataset == EMBEDDED:
+        mean, std, crop_pct = (FASHION_MNIST_STATS[0],), (FASHION_MNIST_STATS[1],), 1.0
+    elif in_chans == 3:
+        mean, std, crop_pct = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DEFAULT_CROP_PCT
+    else:
+        mean, std, crop_pct = (0.5,) * in_chans, (0.5,) * in_chans, DEFAULT_CROP_PCT
+    return {"input_size": (len(mean), img_size, img_size), "interpolation": "bilinear", "mean": tuple(mean),
+            "std": tuple(std), "crop_pct": crop_pct, "crop_mode": "center"}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -56,6 +83,7 @@ class DataBundle:
     num_classes: int
     img_size: int
     stats: tuple[float, float] = FASHION_MNIST_STATS
+    data_config: dict | None = None  # timm's data config of a model trained on it (see timm_data_config)
 
 
 def _split_indices(n: int, val_size: int, train_subset: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +96,14 @@ def _split_indices(n: int, val_size: int, train_subset: int | None, seed: int) -
 
 def load_data(dataset: str = EMBEDDED, data_dir: str | Path | None = None, img_size: int = 32,
               train_subset: int | None = None, val_fraction: float = 0.1, seed: int = 0,
-              with_test: bool = False) -> DataBundle:
-    """Load ``dataset`` with a seeded validation split; ``train_subset`` keeps the first N training images."""
+              with_test: bool = False, augment: str = "auto") -> DataBundle:
+    """Load ``dataset`` with a seeded validation split; ``train_subset`` keeps the first N training images.
+
+    ``augment`` picks the training augmentation (``AUGMENTS``). The embedded data is augmented on the
+    device by ``Batches`` (random shifts of an eighth of the image and horizontal flips) unless it is ``none``.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"invalid --augment {augment!r}; expected one of: {', '.join(AUGMENTS)}")
     if img_size < 8:
         raise ValueError(f"invalid --img-size {img_size}; expected at least 8")
     if train_subset is not None and train_subset < 10:
@@ -79,7 +113,19 @@ def load_data(dataset: str = EMBEDDED, data_dir: str | Path | None = None, img_s
     if dataset == EMBEDDED:
         return _fashion_mnist(Path(data_dir) if data_dir else FASHION_MNIST_DIR, img_size, train_subset,
                               val_fraction, seed, with_test)
-    return _timm_dataset(dataset, data_dir, img_size, train_subset, val_fraction, seed, with_test)
+    return _timm_dataset(dataset, data_dir, img_size, train_subset, val_fraction, seed, with_test, augment)
+
+
+def train_transform(img_size: int, augment: str):
+    """timm's training transform, fitted to the resolution: below 64px (or ``light``) random crops that keep
+    at least half of the image and flips, without colour jitter; from 64px timm's ImageNet policy."""
+    from timm.data import create_transform
+
+    if augment == "none":
+        return create_transform(img_size, is_training=False, crop_pct=1.0)
+    if augment == "light" or (augment == "auto" and img_size < 64):
+        return create_transform(img_size, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None)
+    return create_transform(img_size, is_training=True)
 
 
 def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
@@ -87,8 +133,7 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
         files = {kind: next(iter(sorted(root.glob(f"{prefix}-{kind}-idx*-ubyte*"))), None)
                  for kind in ("images", "labels")}
         if None in files.values():
-            raise ValueError(f"Fashion-MNIST IDX files not found in {str(root)!r}; expected "
-                             f"{prefix}-images-idx3-ubyte.gz (apt-get install dataset-fashion-mnist)")
+            raise ValueError(f"Fashion-MNIST IDX files not found in {str(root)!r}; {HOW_TO_GET_FASHION_MNIST}")
         images = torch.from_numpy(read_idx(files["images"]).copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
         return TensorSplit(images, torch.from_numpy(read_idx(files["labels"]).astype(np.int64)))
 
@@ -96,10 +141,10 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
     train_idx, val_idx = _split_indices(len(full), int(len(full) * val_fraction), train_subset, seed)
     split = lambda idx: TensorSplit(full.images[idx], full.labels[idx])  # noqa: E731
     return DataBundle(EMBEDDED, split(train_idx), split(val_idx), load("t10k") if with_test else None,
-                      in_chans=1, num_classes=10, img_size=img_size)
+                      in_chans=1, num_classes=10, img_size=img_size, data_config=timm_data_config(EMBEDDED, img_size))
 
 
-def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
+def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test, augment) -> DataBundle:
     """Any timm dataset name (``torch/cifar10``...) or, with an empty name or ``folder``, an image folder."""
     from timm.data import create_dataset, create_transform
     from timm.data.constants import IMAGENET_DEFAULT_MEAN
@@ -115,8 +160,9 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
         test = create_dataset(timm_name, root=str(root), split="validation", download=False) if with_test else None
     except Exception as err:  # timm raises many kinds; the user needs the one line
         raise ValueError(f"cannot open dataset {name!r} in {str(root)!r}: {str(err).splitlines()[0]}") from None
-    train_full.transform = create_transform(img_size, is_training=True)
-    eval_transform = create_transform(img_size, is_training=False)
+    train_full.transform = train_transform(img_size, augment)
+    data_config = timm_data_config(name, img_size)
+    eval_transform = create_transform(**data_config)  # what resolve_data_config gives for a model trained here
     if test is not None:
         test.transform = eval_transform
     train_idx, val_idx = _split_indices(len(train_full), max(1, int(len(train_full) * val_fraction)),
@@ -126,7 +172,8 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
     num_classes = _num_classes(train_full)
     return DataBundle(name, torch.utils.data.Subset(train_full, train_idx.tolist()),
                       torch.utils.data.Subset(val_full, val_idx.tolist()), test, in_chans=3,
-                      num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0))
+                      num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0),
+                      data_config=data_config)
 
 
 def _num_classes(dataset) -> int:
@@ -137,6 +184,21 @@ def _num_classes(dataset) -> int:
             if value:
                 return len(value)
     raise ValueError("cannot tell the number of classes of this dataset")
+
+
+def shift_and_flip(images: torch.Tensor) -> torch.Tensor:
+    """Per image: a random shift of up to an eighth of the side (zero padding) and a horizontal flip."""
+    n, _, h, w = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+    rows = (dy + torch.arange(h, device=images.device).view(1, h, 1)).expand(n, h, w)
+    cols = (dx + torch.arange(w, device=images.device).view(1, 1, w)).expand(n, h, w)
+    flip = torch.rand(n, 1, 1, device=images.device) < 0.5
+    cols = torch.where(flip, dx + (w - 1 - torch.arange(w, device=images.device)).view(1, 1, w), cols)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1).expand(n, h, w)
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
 
 
 class Batches:
@@ -156,7 +218,8 @@ class Batches:
         else:
             self.loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=shuffle,
                                                       num_workers=num_workers, generator=self.generator,
-                                                      pin_memory=device.type == "cuda", drop_last=shuffle)
+                                                      pin_memory=device.type == "cuda", drop_last=shuffle,
+                                                      persistent_workers=num_workers > 0)
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -177,7 +240,6 @@ class Batches:
             if images.shape[-1] != self.img_size:
                 images = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear",
                                        align_corners=False)
-            if self.augment:  # random horizontal flip, per image
-                flip = torch.rand(len(idx), device=self.device, generator=None) < 0.5
-                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            if self.augment:
+                images = shift_and_flip(images)
             yield (images - mean) / std, self.split.labels[idx]

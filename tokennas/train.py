@@ -27,19 +27,25 @@ class TrainSettings:
     """How one candidate is trained."""
 
     epochs: int = 5
-    batch_size: int = 128
-    lr: float = 1e-3  # AdamW peak learning rate at batch 128, scaled linearly with the batch size
+    batch_size: int = 64  # small models on small data learn more per epoch from more, smaller steps
+    augment: str = "auto"  # auto: shifts and flips for small images, timm's ImageNet policy from 64px; or none
+    lr: float = 3e-3  # AdamW peak learning rate at batch 128, scaled linearly with the batch size
     weight_decay: float = 0.05
-    warmup_epochs: int = 1  # used only when there are more than 2 epochs
-    label_smoothing: float = 0.1
+    warmup_epochs: float = 0.3  # linear warm-up, in epochs (fractions allowed), never more than a third of training
+    label_smoothing: float = 0.0  # 0.1 (DeiT's) slowed the few-epoch runs a search makes
     opt: str = "adamw"
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
+    workers: int = 0  # data-loader processes for image folders and timm datasets
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the trial stops at once and is recorded as failed, never as a result."""
 
 
 def check_compatible(config: ModelConfig, data: DataBundle) -> None:
@@ -74,15 +80,16 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     torch.manual_seed(settings.seed)
     model = build_model(config).to(device)
     train = Batches(data.train, settings.batch_size, config.img_size, device, shuffle=True, seed=settings.seed,
-                    stats=data.stats, augment=True)
-    val = Batches(data.val, 2 * settings.batch_size, config.img_size, device, shuffle=False, stats=data.stats)
+                    stats=data.stats, augment=settings.augment != "none", num_workers=settings.workers)
+    val = Batches(data.val, 2 * settings.batch_size, config.img_size, device, shuffle=False, stats=data.stats,
+                  num_workers=settings.workers)
     if len(train) == 0:
         raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
                          f"{settings.batch_size}")
     optimizer = create_optimizer_v2(model, opt=settings.opt, lr=settings.lr * settings.batch_size / 128,
                                     weight_decay=settings.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=settings.epochs,
-                                       warmup_epochs=settings.warmup_epochs if settings.epochs > 2 else 0,
+                                       warmup_epochs=min(settings.warmup_epochs, settings.epochs / 3),
                                        step_on_epochs=False, updates_per_epoch=len(train))
     criterion = LabelSmoothingCrossEntropy(settings.label_smoothing)
     start_epoch, updates = 0, 0
@@ -95,9 +102,14 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     for epoch in range(start_epoch, settings.epochs):
         model.train()
         started, total_loss = time.perf_counter(), torch.zeros((), device=device)
-        for images, labels in train:
+        window = []  # recent losses, checked for divergence every few steps (every step on the CPU: no sync cost)
+        for step, (images, labels) in enumerate(train, start=1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = criterion(model(images), labels)
+            window.append(loss.detach())
+            if len(window) == (1 if device.type == "cpu" else 16) or step == len(train):
+                _check_finite(torch.stack(window), epoch + 1, step - len(window) + 1)
+                window.clear()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -113,6 +125,13 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
                      "updates": updates, "config": config.to_dict()}
             on_epoch(metrics, state)
     return model, metrics
+
+
+def _check_finite(losses: torch.Tensor, epoch: int, first_step: int) -> None:
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        index = int(bad[0])
+        raise NonFiniteLoss(f"loss is {float(losses[index])} at epoch {epoch}, step {first_step + index}")
 
 
 def save_checkpoint(model: torch.nn.Module, config: ModelConfig, path: Path, **extra: Any) -> Path:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
 from .layers import Block, LayerNorm, attention_params, block_flops, block_params, ln_flops
+from .pretrained import TimmModel
 
 # The three-conv ("dagger") patch embedding: a 7x7 stride-4 conv, then two 3x3 convs with these strides. The paper
 # has 12 and 16; 4 and 8 drop strides so that small images can use it too.
@@ -239,7 +240,7 @@ class MultiScaleEncoder(nn.Module):
         return out
 
 
-class CrossViT(nn.Module):
+class CrossViT(TimmModel, nn.Module):
     """Multi-branch ViT; ``forward_features`` returns one token tensor per branch, the head averages their logits."""
 
     def __init__(self, config: CrossViTConfig, norm_layer: type[nn.Module] = LayerNorm) -> None:
@@ -270,6 +271,13 @@ class CrossViT(nn.Module):
             trunc_normal_(getattr(self, f"pos_embed_{i}"), std=0.02)
         for module in self.modules():
             init_weights_vit_timm(module)
+        self.init_pretrained_cfg()
+
+    @classmethod
+    def timm_layers(cls, config: CrossViTConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        stem = ".proj.0" if config.multi_conv else ".proj"
+        return (tuple(f"patch_embed.{i}{stem}" for i in range(config.num_branches)),
+                tuple(f"head.{i}" for i in range(config.num_branches)))
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         xs = []
@@ -283,7 +291,7 @@ class CrossViT(nn.Module):
 
     def forward_head(self, xs: list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
         cls = [x[:, 0] for x in xs]
-        if pre_logits:
+        if pre_logits or not self.num_classes:  # no classifier (reset_classifier(0)): the branches' features
             return torch.cat(cls, dim=1)
         return torch.stack([head(t) for head, t in zip(self.head, cls, strict=True)]).mean(dim=0)
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import ModelConfig, register_family, register_preset
 from .layers import Block, LayerNorm, block_flops, block_params, check_trunk, ln_flops
+from .pretrained import TimmModel
 from .quadtree import SCORERS, check_geometry, num_levels, scorer_costs, tokenizer_from_config
 
 
@@ -99,7 +100,7 @@ def sincos_2d(centres: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=-1)
 
 
-class Quadformer(nn.Module):
+class Quadformer(TimmModel, nn.Module):
     """ViT over a quadtree mosaic: tokenizer -> linear patch embedding + centre/scale embedding -> ViT blocks."""
 
     def __init__(self, config: QuadformerConfig, norm_layer: type[nn.Module] = LayerNorm) -> None:
@@ -126,6 +127,11 @@ class Quadformer(nn.Module):
         # and the scorer CNN keeps its loaded weights
         for module in (*self.blocks.modules(), self.head):
             init_weights_vit_timm(module)
+        self.init_pretrained_cfg()
+
+    @classmethod
+    def timm_layers(cls, config: QuadformerConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return ("patch_embed",), ("head",)  # a Linear over flattened patches: timm cannot adapt it, only load it
 
     def pos_embed(self, centres: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) centres and (B, N) levels -> (B, N, D): sin-cos of the centre plus the learned scale term."""

@@ -29,6 +29,7 @@ from .layers import (
     ln_flops,
     pooled_length,
 )
+from .pretrained import TimmModel
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,10 +103,7 @@ class ScheduleViTConfig(ModelConfig):
             if b in self.pool_after:
                 pooled = schedule[b + 1][0]
                 flops[f"token_pools.{b}"] = pooled * D * 9 if self.pool_kind == "conv2d" else 0
-        if self.class_token:
-            flops["norm"] = ln_flops(schedule[-1][0] + prefix, D)
-        else:
-            flops["fc_norm"] = ln_flops(1, D)
+        flops["norm"] = ln_flops(schedule[-1][0] + prefix, D)
         flops["head"] = D * self.num_classes
         return flops
 
@@ -121,7 +119,7 @@ class ScheduleViTConfig(ModelConfig):
         return total + 2 * D + D * self.num_classes + self.num_classes
 
 
-class ScheduleViT(nn.Module):
+class ScheduleViT(TimmModel, nn.Module):
     """Isotropic ViT; the token schedule (pooling, attention sharing) lives in ``forward_features``."""
 
     def __init__(self, config: ScheduleViTConfig, norm_layer: type[nn.Module] | None = None) -> None:
@@ -148,14 +146,16 @@ class ScheduleViT(nn.Module):
         })
         # Blocks whose attention map the next block reuses must materialise it.
         self.hands_on_attn = [b + 1 in c.share_attn for b in range(c.depth)]
-        self.norm = norm_layer(D) if c.class_token else nn.Identity()
-        self.fc_norm = nn.Identity() if c.class_token else norm_layer(D)
+        # HVT's own code normalises every token and then averages (timm's ``fc_norm=False``); its PaddleViT
+        # port and timm's default average head do the reverse, a different function.
+        self.norm = norm_layer(D)
         self.head = nn.Linear(D, c.num_classes)
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():
             init_weights_vit_timm(module)
+        self.init_pretrained_cfg()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
@@ -171,7 +171,6 @@ class ScheduleViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
-        x = self.fc_norm(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ from .layers import (
     check_trunk,
     ln_flops,
 )
+from .pretrained import TimmModel
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,7 +137,7 @@ class SuperTokenBlock(nn.Module):
         return self.local(x)[0]
 
 
-class SuperTokenTransformer(nn.Module):
+class SuperTokenTransformer(TimmModel, nn.Module):
     """Isotropic ViT over windows with super tokens; the token schedule lives in ``forward_features``."""
 
     def __init__(self, config: SuperTokenConfig, norm_layer: type[nn.Module] = LayerNorm) -> None:
@@ -158,6 +159,7 @@ class SuperTokenTransformer(nn.Module):
         trunc_normal_(self.super_tokens, std=0.02)
         for module in self.modules():
             init_weights_vit_timm(module)
+        self.init_pretrained_cfg()
 
     def window_partition(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h*w, D) in raster order -> (B * W, M^2, D), windows in raster order."""

@@ -49,6 +49,8 @@ def connect(address: str | None, num_gpus: int | None = None) -> None:
 
     check_address(address)
     address = address or "local"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if address not in ("local", "auto"):
         _probe(address)
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": False}

@@ -44,16 +44,22 @@ def is_decided(trial: FrozenTrial) -> bool:
 
 
 def settled(trial: FrozenTrial) -> bool:
-    """A candidate this search is done with: trained, or failed while training (with a reason). A trial
+    """A candidate this search is done with: trained, or failed while training (with its error). A trial
     failed because its driver died has no reason; its candidate is proposed again."""
-    return S.trained(trial) or (trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs
-                                and not S.is_repeat(trial))
+    return S.trained(trial) or S.is_failed(trial)
+
+
+def is_lost(trial: FrozenTrial) -> bool:
+    """Claimed for training, then failed with no reason of ours: its driver stopped sending heartbeats."""
+    return (trial.state == TrialState.FAIL and CLAIMED in trial.user_attrs and not settled(trial)
+            and not any(k in trial.user_attrs for k in ("interrupted", "repeat_of", WITHDRAWN)))
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:
-    """(settled candidates, candidates claimed and training) over the whole study, every driver included."""
+    """(trained candidates, candidates claimed and training) over the whole study, every driver included.
+    Failed candidates do not count towards ``--trials``."""
     trials = study.get_trials(deepcopy=False)
-    return (sum(settled(t) for t in trials),
+    return (sum(S.trained(t) for t in trials),
             sum(t.state == TrialState.RUNNING and CLAIMED in t.user_attrs for t in trials))
 
 
@@ -81,10 +87,14 @@ def wait_turn(study: optuna.Study, trial: optuna.Trial) -> None:
 def lost_candidate(study: optuna.Study) -> FrozenTrial | None:
     """The oldest candidate whose training was lost with its driver and that nobody trains now or has trained."""
     trials = study.get_trials(deepcopy=False)
-    held = [t.params for t in trials if settled(t) or (t.state == TrialState.RUNNING and CLAIMED in t.user_attrs)]
-    lost = [t for t in trials if t.state == TrialState.FAIL and CLAIMED in t.user_attrs and not settled(t)]
+
+    def key(t: FrozenTrial) -> str | None:
+        return S.config_key(t.user_attrs["config"]) if "config" in t.user_attrs else None
+
+    held = {key(t) for t in trials if settled(t) or (t.state == TrialState.RUNNING and CLAIMED in t.user_attrs)}
+    lost = [t for t in trials if is_lost(t)]
     for t in lost:
-        if t.params not in held and sum(u.params == t.params for u in lost) <= MAX_RETRIES:
+        if key(t) not in held and sum(key(u) == key(t) for u in lost) <= MAX_RETRIES:
             return t
     return None
 
@@ -99,6 +109,8 @@ def take_turn(study: optuna.Study, trial: optuna.Trial, target: int | None) -> o
             trial.set_user_attr(WITHDRAWN, True)
             study.tell(trial, state=TrialState.FAIL)
             return None
+    if "fixed_params" in study._storage.get_trial_system_attrs(trial._trial_id):
+        return trial  # enqueued (a resumed or fallback candidate): keep it
     lost = lost_candidate(study)
     if lost is None:
         return trial
@@ -117,10 +129,34 @@ def claim(study: optuna.Study, trial: optuna.Trial) -> None:
 
 
 def status(study: optuna.Study, target: int) -> str:
-    """'finished' once ``target`` candidates are settled, 'wait' while the rest are in training elsewhere,
+    """'finished' once ``target`` candidates are trained, 'wait' while the rest are in training elsewhere,
     else 'ask'."""
     fail_stale(study)
     done, training = counts(study)
     if done >= target:
         return "finished"
     return "wait" if done + training >= target else "ask"
+
+
+def job_taken(runs: optuna.Study, run: optuna.Trial) -> int | None:
+    """The number of a lower-numbered run of the same job (stage, source, seed) that finished, failed
+    with an error or is running, in which case ``run`` is withdrawn; else None. Runs whose attributes are
+    still being written are waited for, briefly."""
+    attrs = runs._storage.get_trial_user_attrs(run._trial_id)
+    job = tuple(attrs.get(k) for k in ("stage", "source", "seed"))
+    deadline = time.monotonic() + ABANDONED_S
+    while True:
+        others = [t for t in runs.get_trials(deepcopy=False) if t.number < run.number]
+        if any(t.state == TrialState.RUNNING and "seed" not in t.user_attrs for t in others) \
+                and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            continue
+        break
+    for t in others:
+        if tuple(t.user_attrs.get(k) for k in ("stage", "source", "seed")) != job or t.user_attrs.get(WITHDRAWN):
+            continue
+        if t.state in (TrialState.RUNNING, TrialState.COMPLETE) or "error" in t.user_attrs:
+            run.set_user_attr(WITHDRAWN, True)
+            runs.tell(run, state=TrialState.FAIL)
+            return t.number
+    return None

@@ -16,8 +16,9 @@ from ..flops import format_flops
 class LiveTable(Callback):
     """Each trial's state, FLOPs, epoch and validation accuracy, refreshed as results arrive."""
 
-    def __init__(self, searcher: Any, settings: Any, remaining: int, enabled: bool = True) -> None:
-        self.searcher, self.settings, self.remaining = searcher, settings, remaining
+    def __init__(self, searcher: Any, settings: Any, remaining: int, stage: str = "search",
+                 enabled: bool = True) -> None:
+        self.searcher, self.settings, self.remaining, self.stage = searcher, settings, remaining, stage
         self.rows: dict[str, dict[str, Any]] = {}
         self.started = time.monotonic()
         self.live = Live(self.render(), console=Console(stderr=True), refresh_per_second=2,
@@ -38,19 +39,22 @@ class LiveTable(Callback):
 
     def render(self) -> Table:
         done = sum(r["state"] in ("COMPLETE", "STOPPED") for r in self.rows.values())
-        table = Table(title=f"tokennas search: {self.settings.space} under {self.settings.flops} MACs  "
-                            f"{done}/{self.remaining} trained, {getattr(self.searcher, 'infeasible', 0)} proposals "
-                            f"over budget, {time.monotonic() - self.started:.0f}s")
-        for column in ("trial", "state", "FLOPs", "epoch", "val_acc"):
+        failed = sum(r["state"] == "ERROR" for r in self.rows.values())
+        table = Table(title=f"tokennas {self.stage}: {self.settings.space} under {self.settings.flops} MACs  "
+                            f"{done}/{self.remaining} trained, {failed} failed, "
+                            f"{getattr(self.searcher, 'infeasible', 0)} proposals over budget, "
+                            f"{getattr(self.searcher, 'repeats', 0)} repeats, {time.monotonic() - self.started:.0f}s")
+        for column in ("trial", "role", "state", "FLOPs", "epoch", "val_acc"):
             table.add_column(column, justify="right" if column != "state" else "left")
         for row in self.rows.values():
             acc = f"{row['val_acc']:.4f}" if row.get("val_acc") is not None else "-"
-            table.add_row(str(row["number"]), row["state"], format_flops(row["flops"]), str(row.get("epoch", 0)),
-                          acc)
+            table.add_row(str(row["number"]), row["role"], row["state"], format_flops(row["flops"]),
+                          str(row.get("epoch", 0)), acc)
         return table
 
     def _update(self, trial: Any, **changes: Any) -> None:
         row = self.rows.setdefault(trial.trial_id, {"number": trial.config.get("number"),
+                                                    "role": trial.config.get("role", "candidate"),
                                                     "flops": trial.config.get("flops", 0), "state": "PENDING"})
         row.update(changes)
         if self.live is not None:
@@ -60,11 +64,17 @@ class LiveTable(Callback):
         self._update(trial, state="RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._update(trial, epoch=result.get("epoch"), val_acc=result.get("val_acc"))
+        if "error" in result:  # the trainable caught the candidate's failure
+            self._update(trial, state="ERROR")
+        else:
+            self._update(trial, epoch=result.get("epoch"), val_acc=result.get("val_acc"))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.rows.get(trial.trial_id, {}).get("state") == "ERROR":
+            return
         epoch = self.rows.get(trial.trial_id, {}).get("epoch") or 0
-        self._update(trial, state="COMPLETE" if epoch >= self.settings.epochs else "STOPPED")
+        planned = trial.config.get("epochs", self.settings.epochs)
+        self._update(trial, state="COMPLETE" if epoch >= planned else "STOPPED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, state="ERROR")

@@ -1,18 +1,32 @@
-"""A Ray Tune searcher over an Optuna study that keeps the FLOPs budget hard.
+"""Ray Tune searchers over the Optuna studies of a run.
 
-Ray's own ``OptunaSearch`` tells the study only the final objective, drops intermediate results in
-multi-objective mode, and asks Ray to start every proposal. Here a proposal over budget is closed
-in Optuna as infeasible inside ``suggest`` and the next one is asked, so Ray only ever starts
-feasible candidates and the sampler still learns where the budget ends.
+``BudgetSearcher`` keeps the FLOPs budget hard: a proposal over budget is closed in Optuna as
+infeasible inside ``suggest`` and the next one is asked, so Ray only ever starts feasible candidates
+and the sampler still learns where the budget ends. A proposal whose config was already trained is
+closed as a repeat and never trained twice. Reference jobs (the uniform baseline) are handed out
+before the sampler's candidates and recorded in the runs study, outside the sampler's evidence.
+
+The count of trained candidates is read from the study, so a failure is replaced by a new proposal
+and the search ends when ``trials`` candidates are trained or ``max_failures`` trials have failed.
+Several drivers may share one study (``coordination.py``): the count and the repeat check are then
+taken on each trial's turn, over every driver's trials.
+
+``JobSearcher`` hands out a fixed list of runs (the re-ranking stage) and records them the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
+import random
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from ..spaces import Inputs, Space
@@ -21,35 +35,124 @@ from . import study as S
 from .cluster import record_placement
 
 
-class BudgetSearcher(Searcher):
-    """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits."""
+def error_line(error: BaseException | str | None) -> str:
+    """The last line of an exception as a traceback prints it: ``ValueError: loss is nan at ...``."""
+    if error is None:
+        return "the trial raised an error"
+    if isinstance(error, BaseException):
+        cause = getattr(error, "cause", None) or error
+        text = str(cause).strip()
+        return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}".strip()
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else "the trial raised an error"
+
+
+class _RunsMixin:
+    """Reference and re-ranking runs: each job is one trial of the runs study."""
+
+    runs: optuna.Study
+
+    def _start_job(self, trial_id: str) -> dict[str, Any] | None:
+        """The next job nobody has run: drivers sharing a study take each job once (the lowest trial wins)."""
+        while self.jobs:
+            job = self.jobs.pop(0)
+            run = self.runs.ask()
+            for key in ("role", "stage", "source", "seed", "config", "flops", "params", "epochs_planned"):
+                if key in job:
+                    run.set_user_attr(key, job[key])
+            holder = coordination.job_taken(self.runs, run)
+            if holder is not None:  # another driver runs it: wait for it before finishing (whole reports)
+                self.others.append(holder)
+                continue
+            self.jobs_live[trial_id] = (run, [])
+            return {"config": job["config"], "flops": job["flops"], "number": f"{job['source']}/s{job['seed']}",
+                    "role": job["role"], "seed": job["seed"], "epochs": job["epochs_planned"]}
+        return None
+
+    def _result_job(self, trial_id: str, result: dict[str, Any]) -> None:
+        run, history = self.jobs_live[trial_id]
+        history.append(float(result["val_acc"]))
+        run.set_user_attr("history", list(history))
+        record_placement(run, result)
+
+    def _finished(self) -> str | None:
+        """FINISHED once nothing of ours runs and the runs other drivers took from us have ended."""
+        if self.live or self.jobs_live:
+            return None
+        if self.others:
+            coordination.fail_stale(self.runs)
+            running = {t.number for t in self.runs.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            self.others = [n for n in self.others if n in running]
+            if self.others:
+                time.sleep(0.5)
+                return None
+        return Searcher.FINISHED
+
+    def held_trials(self) -> list[optuna.Trial]:
+        """The trials this driver trains now (their heartbeats say it is alive)."""
+        return [*self.live.values(), *(run for run, _ in self.jobs_live.values())]
+
+    def _complete_job(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        run, history = self.jobs_live.pop(trial_id)
+        if result and "val_acc" in result and int(result["epoch"]) > len(history):
+            history.append(float(result["val_acc"]))
+            run.set_user_attr("history", list(history))
+        if error:
+            return  # closed by ``fail`` once the error's text is known
+        planned = self.runs._storage.get_trial_user_attrs(run._trial_id)["epochs_planned"]
+        if not result or "val_acc" not in result or int(result["epoch"]) < planned:
+            run.set_user_attr("interrupted", "stopped before its last epoch")
+            self.runs.tell(run, state=TrialState.FAIL)
+            return
+        run.set_user_attr("val_acc", float(result["val_acc"]))
+        run.set_user_attr("seconds", float(result.get("time_total_s", 0.0)))
+        self.runs.tell(run, float(result["val_acc"]))
+
+
+class BudgetSearcher(_RunsMixin, Searcher):
+    """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits and is new."""
 
     def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int,
-                 max_proposals: int = 20_000, target: int | None = None) -> None:
+                 trials: int = 1_000_000, max_failures: int = 1_000_000, feasible: dict[str, dict] | None = None,
+                 jobs: list[dict[str, Any]] | None = None, seed: int = 0, stall: int = 20) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.study, self.space, self.inputs, self.budget = study, space, inputs, budget
-        self.max_epochs, self.max_proposals = max_epochs, max_proposals
-        self.target = target  # issue 11: candidates the whole study trains, over every driver (None: no limit)
-        self._next_poll = 0.0
+        self.max_epochs, self.trials, self.max_failures = max_epochs, trials, max_failures
+        # canonical config key -> parameters of every distinct feasible candidate, for when the sampler stalls
+        self.feasible = feasible if feasible is not None else space.feasible(budget, inputs)[0]
+        self.jobs = list(jobs or [])
+        self.runs = S.open_runs(study)
         self.live: dict[str, optuna.Trial] = {}
         self.history: dict[str, list[float]] = {}
-        self.infeasible = 0
-        self.repeats = 0
+        self.jobs_live: dict[str, tuple[optuna.Trial, list[float]]] = {}
+        self.pending_errors: dict[str, tuple[str, optuna.Trial]] = {}  # failed, waiting for the error's text
+        self.infeasible = self.repeats = self.fallbacks = 0
+        self.rng, self.stall = random.Random(seed), stall
+        self._next_poll = 0.0
+        self.others: list[int] = []  # runs of our jobs that another driver of a shared study holds
 
     def __getstate__(self) -> dict[str, Any]:
-        """Ray pickles its searcher with the experiment state: keep where the study lives, not its handle."""
+        """Ray pickles its searcher with the experiment state: keep where the studies live, not their handles."""
         state = dict(self.__dict__)
         study = state.pop("study")
+        state.pop("runs")
         state["_study_ref"] = (study._storage, study.study_name, study.sampler)
         state["live"] = {k: t.number for k, t in self.live.items()}
+        state["jobs_live"] = {k: (t.number, h) for k, (t, h) in self.jobs_live.items()}
+        state["pending_errors"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         storage, name, sampler = state.pop("_study_ref")
         self.__dict__.update(state)
         self.study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
-        self.live = {k: optuna.Trial(self.study, self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, n)) for k, n in state["live"].items()}
+        self.runs = S.open_runs(self.study)
+
+        def handle(study: optuna.Study, number: int) -> optuna.Trial:
+            return optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+
+        self.live = {k: handle(self.study, n) for k, n in state["live"].items()}
+        self.jobs_live = {k: (handle(self.runs, n), h) for k, (n, h) in state["jobs_live"].items()}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -59,22 +162,45 @@ class BudgetSearcher(Searcher):
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    # -- counts kept by the study, so that failures are replaced and a resumed search continues --
+    def trained_count(self) -> int:
+        return sum(S.trained(t) for t in self.study.get_trials(deepcopy=False))
+
+    def failures(self) -> list[optuna.trial.FrozenTrial]:
+        return S.failures(self.study, self.runs)
+
+    def stopped_for_failures(self) -> bool:
+        return len(self.failures()) >= self.max_failures
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.stopped_for_failures():
+            return self._finished()
+        if self.jobs:
+            job = self._start_job(trial_id)
+            if job is not None:
+                return job
+        if time.monotonic() < self._next_poll:
+            return None
+        coordination.fail_stale(self.study)  # a dead driver's trials (shared RDB studies)
+        trained, training = coordination.counts(self.study)  # over every driver of the study
+        if trained >= self.trials:
+            return self._finished()
+        if trained + training >= self.trials:  # enough in flight; a failure among them will be replaced
+            if training > len(self.live):  # other drivers' trials: poll the shared study once a second
+                self._next_poll = time.monotonic() + 1.0
+                if not (self.live or self.jobs_live):
+                    time.sleep(0.5)  # nothing of ours runs: nothing here to keep responsive
+            return None
+        return self._propose(trial_id)
+
+    def _propose(self, trial_id: str) -> dict[str, Any] | None:
         from ..flops import count_flops
 
-        if self.target is not None:  # issue 11: the study, not this driver, says when the search is done
-            if time.monotonic() < self._next_poll:
-                return None
-            verdict = coordination.status(self.study, self.target)
-            if verdict != "ask":
-                self._next_poll = time.monotonic() + 1.0
-                if verdict == "finished":
-                    return Searcher.FINISHED
-                if not self.live:
-                    time.sleep(0.5)  # only others' trials are running: nothing here to keep responsive
-                return None
-        for _ in range(self.max_proposals):
-            trial = coordination.take_turn(self.study, self.study.ask(), self.target)  # issue 11
+        misses = 0
+        while True:
+            if misses and misses % self.stall == 0 and self.feasible:
+                self._enqueue_untried()
+            trial = coordination.take_turn(self.study, self.study.ask(), self.trials)
             if trial is None:  # the other drivers filled the study first
                 return None
             config = self.space.suggest(trial, self.inputs)
@@ -82,35 +208,141 @@ class BudgetSearcher(Searcher):
             if not S.record_cost(trial, config, flops, self.budget):
                 S.tell_infeasible(self.study, trial, flops)
                 self.infeasible += 1
+                misses += 1
                 continue
             original = S.find_repeat(self.study, trial)
-            if original is not None:  # samplers do re-propose categorical points: never train one twice
+            if original is not None:  # samplers re-propose, and many parameter sets build one config
                 S.tell_repeat(self.study, trial, original)
                 self.repeats += 1
+                misses += 1
                 continue
-            coordination.claim(self.study, trial)  # issue 11: ends this trial's turn
+            coordination.claim(self.study, trial)  # ends this trial's turn
             self.live[trial_id], self.history[trial_id] = trial, []
-            return {"config": config.to_dict(), "flops": flops, "number": trial.number}
-        raise RuntimeError(f"the sampler proposed {self.max_proposals} candidates in a row that were over the budget "
-                           "or already trained; the space may be exhausted")
+            suggestion = {"config": config.to_dict(), "flops": flops, "number": trial.number, "role": "candidate",
+                          "epochs": self.max_epochs}
+            resume = self._resume_from(trial)
+            if resume:
+                suggestion["resume_from"] = resume
+            return suggestion
+
+    def _enqueue_untried(self) -> None:
+        """The sampler keeps proposing what is over budget or already trained: hand it one untried feasible
+        candidate at random, so a search near the end of a small space still finishes."""
+        seen = {S.config_key(t.user_attrs["config"]) for t in self.study.get_trials(deepcopy=False)
+                if "config" in t.user_attrs and not S.is_infeasible(t)}
+        untried = sorted(set(self.feasible) - seen)
+        if untried:
+            self.study.enqueue_trial(self.feasible[self.rng.choice(untried)], user_attrs={"fallback": True})
+            self.fallbacks += 1
+
+    def _resume_from(self, trial: optuna.Trial) -> str | None:
+        """The last checkpoint of the interrupted trial this one retries, if it is still there."""
+        retry_of = self.study._storage.get_trial_user_attrs(trial._trial_id).get("retry_of")
+        if retry_of is None:
+            return None
+        path = self.study.trials[retry_of].user_attrs.get("checkpoint")
+        return path if path and Path(path).exists() else None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if trial_id in self.live and "val_acc" in result:
+        if "val_acc" not in result or "error" in result:
+            return
+        if trial_id in self.jobs_live:
+            self._result_job(trial_id, result)
+        elif trial_id in self.live:
             S.report_epoch(self.study, self.live[trial_id], float(result["val_acc"]), int(result["epoch"]),
                            self.history[trial_id])
-            record_placement(self.live[trial_id], result)  # issue 11: the node it ran on
+            record_placement(self.live[trial_id], result)  # the node it ran on
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if result and "error" in result:  # the trainable caught the candidate's own failure (see train_candidate)
+            number = result.get("config", {}).get("number", trial_id)
+            logging.getLogger("tokennas").warning("trial %s failed:\n%s", number,
+                                                  result.get("traceback", result["error"]))
+            self.on_trial_complete(trial_id, None, error=True)
+            self.fail(trial_id, str(result["error"]))
+            return
+        if trial_id in self.jobs_live:
+            if error:  # Ray calls this before its callbacks see the error: ``fail`` closes it with the text
+                self.pending_errors[trial_id] = ("runs", self.jobs_live[trial_id][0])
+            self._complete_job(trial_id, result, error)
+            return
         if not error and result and "val_acc" in result and int(result["epoch"]) > len(self.history.get(trial_id, [])):
             self.on_trial_result(trial_id, result)  # Ray hands a trial's last result only to on_trial_complete
         trial = self.live.pop(trial_id, None)
         self.history.pop(trial_id, None)
-        if trial is not None:
-            if error:  # issue 11: a reason marks a failure of the candidate itself, not of a lost driver
-                trial.set_user_attr("fail_reason", "the trial raised an error; see search.log")
-            S.tell_result(self.study, trial, None if error else result, self.max_epochs)
+        if trial is None:
+            return
+        if error:
+            self.pending_errors[trial_id] = ("study", trial)
+        else:
+            S.tell_result(self.study, trial, result, self.max_epochs)
 
-    def close_pending(self, last_results: dict[str, dict[str, Any]]) -> None:
-        """Trials Ray stopped without completing (time budget): closed with their last result, if any."""
+    def fail(self, trial_id: str, message: str) -> None:
+        """Close a trial whose training raised, with the exception's last line."""
+        where, trial = self.pending_errors.pop(trial_id, (None, None))
+        if where == "study":
+            S.tell_failed(self.study, trial, message)
+        elif where == "runs":
+            trial.set_user_attr("error", message)
+            self.runs.tell(trial, state=TrialState.FAIL)
+
+    def record_checkpoint(self, trial_id: str, path: str) -> None:
+        if trial_id in self.live:
+            self.live[trial_id].set_user_attr("checkpoint", path)
+
+    def close_pending(self, reason: str) -> None:
+        """Trials Ray stopped without completing them (the time budget): interrupted, asked again on resume."""
+        for trial_id in list(self.pending_errors):
+            self.fail(trial_id, "the trial raised an error")
         for trial_id in list(self.live):
-            self.on_trial_complete(trial_id, last_results.get(trial_id))
+            trial, history = self.live.pop(trial_id), self.history.pop(trial_id, [])
+            trial.set_user_attr("history", history)
+            S.tell_interrupted(self.study, trial, f"{reason} after epoch {len(history)} of {self.max_epochs}")
+        for trial_id in list(self.jobs_live):
+            run, history = self.jobs_live.pop(trial_id)
+            run.set_user_attr("interrupted", f"{reason} after epoch {len(history)}")
+            self.runs.tell(run, state=TrialState.FAIL)
+
+
+class JobSearcher(BudgetSearcher):
+    """Hands out a fixed list of runs (the re-ranking stage), then finishes."""
+
+    def __init__(self, study: optuna.Study, jobs: list[dict[str, Any]], max_failures: int = 1_000_000) -> None:
+        Searcher.__init__(self, metric="val_acc", mode="max")
+        self.study, self.jobs, self.max_failures, self.max_epochs = study, list(jobs), max_failures, 0
+        self.runs = S.open_runs(study)
+        self.live, self.history, self.jobs_live, self.pending_errors = {}, {}, {}, {}
+        self.infeasible = self.repeats = self.fallbacks = 0
+        self.others = []
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.jobs and not self.stopped_for_failures():
+            job = self._start_job(trial_id)
+            if job is not None:
+                return job
+        return self._finished()
+
+
+class TrialEvents(Callback):
+    """Hands the searcher what only Ray's callbacks see: a failed trial's error, a trial's checkpoint path."""
+
+    def __init__(self, searcher: BudgetSearcher) -> None:
+        self.searcher = searcher
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"searcher": None}  # Ray pickles callbacks with its experiment state
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if self.searcher is None:
+            return
+        error = None
+        with contextlib.suppress(Exception):  # the error file may be unreadable; the trial still fails
+            error = trial.get_pickled_error() or trial.get_error()
+        if error is None and trial.local_path:  # Ray writes error.txt before this call, but its metadata may lag
+            text = Path(trial.local_path, "error.txt")
+            error = text.read_text() if text.is_file() else None
+        self.searcher.fail(trial.trial_id, error_line(error))
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        if self.searcher is not None:
+            self.searcher.record_checkpoint(trial.trial_id, checkpoint.path)

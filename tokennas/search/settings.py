@@ -6,11 +6,12 @@ The driver and the reports both depend on this module, and not on each other.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import yaml
 
-from ..data import EMBEDDED
+from ..data import AUGMENTS, EMBEDDED
 from ..flops import parse_flops
 from ..spaces import get_space
 from . import study as S
@@ -24,7 +25,7 @@ class SearchSettings:
 
     space: str
     flops: str  # the budget as typed, e.g. "30M"
-    trials: int = 12
+    trials: int = 12  # trained candidates; over-budget, repeated and failed proposals don't count
     epochs: int = 3
     objective: str = "acc"
     sampler: str = "tpe"
@@ -34,18 +35,28 @@ class SearchSettings:
     data_dir: str | None = None
     img_size: int = 32
     train_subset: int | None = None
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 64
+    lr: float = 3e-3
     gpus_per_trial: float | None = None  # None: 1 when CUDA is present, else 0
     cpus_per_trial: float = 1.0
     time_budget: str | None = None  # e.g. "30m"; the search stops gracefully
     top: int = 5
-    # issue 11: where it runs and where the study lives
+    max_failures: int = 3  # failed trials (an exception, a non-finite loss) before the search stops
+    retrain_top: int = 3  # candidates retrained from scratch after the search, with the baseline
+    retrain_epochs: int = 6
+    retrain_seeds: int = 2
+    augment: str = "auto"
+    scorer_weights: str | None = None  # lcnet_050 weights that put the quadtree space's `feature` scorer in play
+    # where it runs and where the study lives (see cluster.py and storage.py)
     ray_address: str | None = None  # None/local: a private Ray; auto; HOST:PORT; ray://HOST:PORT
     ray_storage: str | None = None  # Ray Tune's storage_path (shared filesystem or cloud URI); None: RUN_DIR/ray
     storage: str | None = None  # Optuna storage URL, password never stored; None: RUN_DIR/study.db
     study_name: str = S.STUDY_NAME
     heartbeat: int = 30  # seconds between heartbeats of a shared RDB study; a trial is lost after twice that
+
+    # what `--resume RUN` may change; everything else is fixed by search.yaml
+    RESUMABLE = ("trials", "time_budget", "max_failures", "retrain_top", "retrain_epochs", "retrain_seeds", "top",
+                 "ray_address", "heartbeat")
 
     @property
     def budget(self) -> int:
@@ -65,6 +76,14 @@ class SearchSettings:
             (self.scheduler in SCHEDULERS, f"invalid --scheduler {self.scheduler!r}; expected one of: "
                                            f"{', '.join(SCHEDULERS)}"),
             (self.batch_size >= 1, f"invalid --batch-size {self.batch_size}; expected at least 1"),
+            (math.isfinite(self.lr) and self.lr > 0, f"invalid --lr {self.lr}; expected a positive number"),
+            (self.max_failures >= 1, f"invalid --max-failures {self.max_failures}; expected at least 1"),
+            (self.retrain_top >= 0, f"invalid --retrain-top {self.retrain_top}; expected 0 (no re-ranking) or more"),
+            (self.retrain_epochs >= 1, f"invalid --retrain-epochs {self.retrain_epochs}; expected at least 1"),
+            (self.retrain_seeds >= 1, f"invalid --retrain-seeds {self.retrain_seeds}; expected at least 1"),
+            (self.augment in AUGMENTS, f"invalid --augment {self.augment!r}; expected one of: {', '.join(AUGMENTS)}"),
+            (self.scorer_weights is None or Path(self.scorer_weights).is_file(),
+             f"invalid --scorer-weights {self.scorer_weights!r}; expected an existing lcnet_050 weights file"),
             (self.cpus_per_trial > 0, f"invalid --cpus-per-trial {self.cpus_per_trial}; expected > 0"),
             (self.gpus_per_trial is None or self.gpus_per_trial >= 0,
              f"invalid --gpus-per-trial {self.gpus_per_trial}; expected >= 0"),
@@ -75,10 +94,17 @@ class SearchSettings:
                 raise ValueError(message)
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        if self.gpus_per_trial and self.local_ray:  # a cluster's GPUs are checked once it is joined
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"invalid --gpus-per-trial {self.gpus_per_trial}: CUDA is not available on this "
+                                 "machine; use 0 or leave it unset")
         self.validate_cluster()
 
     def validate_cluster(self) -> None:
-        """The issue-11 options: form only, no I/O (connections are checked by storage.py and cluster.py)."""
+        """The cluster and storage options: form only, no I/O (connections are checked by storage.py and
+        cluster.py)."""
         from . import cluster, storage
 
         cluster.check_address(self.ray_address)
@@ -87,6 +113,29 @@ class SearchSettings:
             raise ValueError(f"invalid --study-name {self.study_name!r}; expected a non-empty name")
         if self.heartbeat < 1:
             raise ValueError(f"invalid --heartbeat {self.heartbeat}; expected at least 1 second")
+
+    @property
+    def local_ray(self) -> bool:
+        return self.ray_address in (None, "local")
+
+    def gpus(self) -> float:
+        """GPUs per trial: as asked, else 1 where CUDA is present (on this machine, or in the joined cluster)."""
+        if self.gpus_per_trial is not None:
+            return self.gpus_per_trial
+        if not self.local_ray:
+            from .cluster import has_gpus
+
+            return 1.0 if has_gpus() else 0.0
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0
+
+    def space_object(self):
+        """The search space, with the quadtree scorer's weights when they are given."""
+        space = get_space(self.space)
+        if self.scorer_weights and hasattr(space, "scorer_checkpoint"):
+            space = type(space)(scorer_checkpoint=str(Path(self.scorer_weights).resolve()))
+        return space
 
 
 def parse_duration(text: str) -> float:
@@ -106,4 +155,12 @@ def load_settings(run_dir: Path) -> SearchSettings:
     path = run_dir / "search.yaml"
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} is not a tokennas run folder (no search.yaml)")
-    return SearchSettings(**yaml.safe_load(path.read_text()))
+    stored = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in dataclasses.fields(SearchSettings)}
+    return SearchSettings(**{k: v for k, v in stored.items() if k in known})
+
+
+def save_settings(settings: SearchSettings, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(settings), sort_keys=False))
+    tmp.replace(path)

@@ -156,33 +156,40 @@ def _open(text: str, heartbeat: int) -> Any:
         raise ValueError(f"cannot open --storage {redact(text)!r}: {reason}") from None
 
 
-def check_compatible(study: optuna.Study, settings: dict[str, Any]) -> None:
-    """Drivers sharing a study must run the same search; the first one records what that is."""
+def check_compatible(study: optuna.Study, settings: dict[str, Any], resume: bool = False) -> None:
+    """Drivers sharing a study must run the same search; the first one records what that is. A resumed
+    driver may change ``--trials`` (extending the search)."""
     keys = ("space", "flops", "trials", "epochs", "objective", "dataset", "img_size", "train_subset")
     mine = {k: settings[k] for k in keys}
     theirs = study.user_attrs.get("search")
-    if theirs is None:
+    if theirs is None or (resume and theirs.get("trials") != mine["trials"]):
         study.set_user_attr("search", mine)
-        return
+        theirs = theirs or mine
     for key in keys:
+        if key == "trials" and resume:
+            continue
         if theirs.get(key) != mine[key]:
             option = "--" + key.replace("_", "-")
             raise ValueError(f"study {study.study_name!r} holds a search with {option} {theirs.get(key)}, "
                              f"not {mine[key]}; use the same options or another --study-name")
 
 
-def recover_lost_trials(study: optuna.Study, resume: bool) -> None:
-    """Trials left RUNNING by a driver that died. With heartbeats only the stale ones are failed (other
-    drivers may be alive) and Optuna re-queues their candidates; without heartbeats a resumed run fails
-    every RUNNING trial and asks its candidate again, which assumes no other driver is running."""
+def recover_lost_trials(study: optuna.Study, resume: bool, enqueue: bool = True) -> None:
+    """Trials left RUNNING by a driver that died, and trials cut off by ``--time-budget``.
+
+    With heartbeats only the stale RUNNING trials are failed (other drivers may be alive) and
+    ``coordination`` proposes their candidates again; without heartbeats a resumed run (or the only
+    driver of a run-folder study) fails every RUNNING trial, which assumes no other driver is running.
+    On resume the interrupted candidates are asked again (``enqueue``)."""
     from . import study as S
 
-    if has_heartbeat(getattr(study._storage, "_backend", study._storage)):
+    heartbeat = has_heartbeat(getattr(study._storage, "_backend", study._storage))
+    if heartbeat:
         from .coordination import fail_stale
 
         fail_stale(study)
-    elif resume or not is_shared(study._storage):
-        S.resume_interrupted(study)
+    if resume or not is_shared(study._storage):
+        S.resume_interrupted(study, fail_running=not heartbeat, enqueue=enqueue)
 
 
 class Heartbeat:

@@ -1,12 +1,18 @@
-"""The Optuna side: samplers, the study in the run folder, and the one adapter for constraints.
+"""The Optuna side: samplers, the studies in the run folder, and the one adapter for constraints.
 
 Infeasible candidates are told to the study as finished trials with the worst objective values and
 a positive ``flops`` constraint (Optuna 5's ``trial.set_constraint``), which TPE, NSGA-II and
 ``best_trials`` read. They are never trained. Only this module touches Optuna's constraint API.
+
+A run keeps two studies in one storage: ``tokennas`` (or ``--study-name``) holds the sampler's proposals;
+``tokennas-runs`` (``NAME-runs``) holds the reference and re-ranking runs (the uniform baseline, and the
+top candidates retrained with several seeds), which are not the sampler's evidence. Both are the
+ground truth for ``--resume``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +24,54 @@ from ..config import ModelConfig
 OBJECTIVES = ("acc", "pareto")
 SAMPLERS = ("tpe", "nsga2", "random")
 STUDY_NAME = "tokennas"
+RUNS_STUDY = "tokennas-runs"
+
+
+class FeasibleStartup(optuna.samplers.BaseSampler):
+    """Random proposals until ``n_startup`` feasible candidates exist, then the model-based sampler.
+
+    Optuna's own ``n_startup_trials`` counts every finished trial, over-budget proposals included, so
+    TPE could start modelling before it saw a single trained candidate.
+    """
+
+    def __init__(self, model: optuna.samplers.BaseSampler, n_startup: int, seed: int) -> None:
+        self.model, self.startup, self.n_startup = model, optuna.samplers.RandomSampler(seed=seed), n_startup
+        self._active: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        return self._active.get(trial.number, self.model)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        feasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                            TrialState.RUNNING))
+                       if t.number != trial.number and t.constraints and not is_infeasible(t))
+        self._active[trial.number] = self.startup if feasible < self.n_startup else self.model
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        self._active.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        self.model.reseed_rng()
+        self.startup.reseed_rng()
 
 
 def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
-    """A seeded sampler; TPE and NSGA-II learn from the ``flops`` constraint."""
+    """A seeded sampler; TPE and NSGA-II learn from the ``flops`` constraint. TPE's start-up proposals are
+    random until a third of ``trials`` (2 to 10) feasible candidates exist."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=max(2, min(10, trials // 3)))
+        model = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=0)
+        return FeasibleStartup(model, max(2, min(10, trials // 3)), seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, trials // 2)))
     if name == "random":
@@ -54,6 +101,17 @@ def open_study(where: Path | str | optuna.storages.BaseStorage, objective: str,
         raise ValueError(f"no study named {study_name!r} in its storage") from None
 
 
+def open_runs(study: optuna.Study) -> optuna.Study:
+    """The reference and re-ranking runs beside ``study``, in the same storage (created on first use)."""
+    name = RUNS_STUDY if study.study_name == STUDY_NAME else f"{study.study_name}-runs"
+    return optuna.create_study(storage=study._storage, study_name=name, direction="maximize", load_if_exists=True)
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """The canonical identity of a candidate: its config, not the sampler's parameters that built it."""
+    return json.dumps(config, sort_keys=True)
+
+
 def record_cost(trial: optuna.Trial, config: ModelConfig, flops: int, budget: int) -> bool:
     """Store the candidate's costs and config on the trial; tell Optuna the constraint. True if feasible."""
     trial.set_user_attr("flops", flops)
@@ -70,25 +128,38 @@ def tell_infeasible(study: optuna.Study, trial: optuna.Trial, flops: int) -> Non
 
 
 def find_repeat(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
-    """An earlier feasible trial with the same parameters, finished or still running."""
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
-        if other.number != trial.number and other.params == trial.params and not is_repeat(other) \
-                and not is_infeasible(other):
+    """An earlier candidate with the same config (whatever parameters built it) that was trained, is being
+    trained, or failed with an error; candidates that were only interrupted may be trained again."""
+    key = config_key(study._storage.get_trial_user_attrs(trial._trial_id)["config"])
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                                                          TrialState.FAIL)):
+        if other.number == trial.number or is_repeat(other) or is_infeasible(other) or "config" not in other.user_attrs:
+            continue
+        if other.state == TrialState.FAIL and "error" not in other.user_attrs:
+            continue  # interrupted, not failed: its candidate is asked again
+        if config_key(other.user_attrs["config"]) == key:
             return other
     return None
 
 
 def tell_repeat(study: optuna.Study, trial: optuna.Trial, original: FrozenTrial) -> None:
-    """Close a repeated proposal without training it: the original's outcome, or FAIL while it still runs."""
+    """Close a repeated proposal without training it. It is FAIL, which no sampler reads as evidence; the
+    report shows it as REPEAT with the original's number."""
     trial.set_user_attr("repeat_of", original.number)
-    if original.state == TrialState.COMPLETE:
-        study.tell(trial, original.values)
-    elif original.state == TrialState.PRUNED and len(study.directions) == 1 and original.intermediate_values:
-        step = max(original.intermediate_values)
-        trial.report(original.intermediate_values[step], step)
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def tell_failed(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
+    """A candidate whose training raised or diverged: FAIL, with the reason."""
+    trial.set_user_attr("error", error)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def tell_interrupted(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """A candidate cut off before its last epoch (deadline, killed driver): FAIL without an error, so
+    ``resume_interrupted`` asks for it again."""
+    trial.set_user_attr("interrupted", reason)
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def is_repeat(trial: FrozenTrial) -> bool:
@@ -99,6 +170,17 @@ def is_infeasible(trial: FrozenTrial) -> bool:
     return any(v > 0 for v in (trial.constraints or {}).values()) or bool(trial.user_attrs.get("infeasible"))
 
 
+def is_failed(trial: FrozenTrial) -> bool:
+    """Training raised or diverged (not a repeat, not an interruption)."""
+    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
+
+
+def failures(study: optuna.Study, runs: optuna.Study) -> list[FrozenTrial]:
+    """Trials whose training raised or diverged, in the search and in the reference/re-ranking runs."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if is_failed(t)]
+    return failed + [t for t in runs.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
+
+
 def trained(trial: FrozenTrial) -> bool:
     """A feasible candidate that finished training or was stopped early by the scheduler."""
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_infeasible(trial) \
@@ -106,9 +188,9 @@ def trained(trial: FrozenTrial) -> bool:
 
 
 def tell_result(study: optuna.Study, trial: optuna.Trial, result: dict[str, Any] | None, max_epochs: int) -> None:
-    """Close a trained trial: COMPLETE after all epochs, PRUNED if the scheduler stopped it, FAIL without a result."""
+    """Close a trained trial: COMPLETE after all epochs, PRUNED if the scheduler stopped it."""
     if not result or "val_acc" not in result:
-        study.tell(trial, state=TrialState.FAIL)
+        tell_failed(study, trial, "the trial ended without reporting a result")
         return
     acc, epochs = float(result["val_acc"]), int(result["epoch"])
     trial.set_user_attr("val_acc", acc)
@@ -130,11 +212,18 @@ def report_epoch(study: optuna.Study, trial: optuna.Trial, acc: float, epoch: in
         trial.report(acc, epoch)
 
 
-def resume_interrupted(study: optuna.Study) -> int:
-    """Trials left RUNNING by a killed search become FAIL, and their candidates are asked again."""
-    stale = [t for t in study.trials if t.state == TrialState.RUNNING]
+def resume_interrupted(study: optuna.Study, fail_running: bool = True, enqueue: bool = True) -> int:
+    """Trials left RUNNING by a killed search (``fail_running``: no other driver can be running them), or
+    cut off by a deadline, are asked again (once each, ``enqueue``)."""
+    stale = [t for t in study.trials if t.state == TrialState.RUNNING] if fail_running else []
     for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", "the search was killed")
         study.tell(t.number, state=TrialState.FAIL)
-        if not is_infeasible(t):
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-    return len(stale)
+    if not enqueue:
+        return 0
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    again = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+             if "interrupted" in t.user_attrs and not is_infeasible(t) and not is_repeat(t) and t.number not in retried]
+    for t in again:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return len(again)

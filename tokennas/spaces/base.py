@@ -37,9 +37,18 @@ class Space:
     def build(self, params: dict[str, Any], inputs: Inputs) -> ModelConfig:
         raise NotImplementedError
 
+    def unused(self, params: dict[str, Any]) -> set[str]:
+        """Dimensions that have no effect given the choices made so far (in ``dimensions`` order)."""
+        return set()
+
     def suggest(self, trial: Any, inputs: Inputs) -> ModelConfig:
-        """Optuna define-by-run: ask for every dimension, then build the config."""
-        params = {k: trial.suggest_categorical(k, list(v)) for k, v in self.dimensions(inputs).items()}
+        """Optuna define-by-run: ask for every dimension that has an effect, then build the config. A
+        dimension without effect is not asked (its first choice stands in), so the sampler does not
+        spread its model over parameters that change nothing."""
+        params: dict[str, Any] = {}
+        for name, choices in self.dimensions(inputs).items():
+            params[name] = choices[0] if name in self.unused(params) else trial.suggest_categorical(name,
+                                                                                                     list(choices))
         return self.build(params, inputs)
 
     def size(self, inputs: Inputs) -> int:
@@ -53,6 +62,21 @@ class Space:
     def min_flops(self, inputs: Inputs) -> int:
         """The smallest cost any candidate reaches, by exhaustive analytic count."""
         return min(sum(self.build(p, inputs).flops_by_module().values()) for p in self.grid(inputs))
+
+    def feasible(self, budget: int, inputs: Inputs) -> tuple[dict[str, dict[str, Any]], int]:
+        """The distinct configs within ``budget`` (canonical config key -> one parameter set that builds it),
+        and the smallest cost in the space. Many parameter sets can build one config (a pooling kind with
+        no pooling, say); a candidate is its config."""
+        import json
+
+        feasible, smallest = {}, None
+        for params in self.grid(inputs):
+            config = self.build(params, inputs)
+            flops = sum(config.flops_by_module().values())
+            smallest = flops if smallest is None else min(smallest, flops)
+            if flops <= budget:
+                feasible.setdefault(json.dumps(config.to_dict(), sort_keys=True), params)
+        return feasible, smallest
 
     def baseline(self, budget: int, inputs: Inputs) -> ModelConfig | None:
         """DeiT's recipe within ``budget``: depth 12 (fewer only if nothing fits), heads of 64 channels,

@@ -49,6 +49,9 @@ class PSViTSpace(Space):
                 "pool_schedule": tuple(POOL_SCHEDULES), "pool_kind": ("max2d", "avg2d", "conv2d"),
                 "attn_sharing": SHARING}
 
+    def unused(self, params: dict[str, Any]) -> set[str]:
+        return {"pool_kind"} if params.get("pool_schedule") == "none" else set()
+
     def build(self, params: dict[str, Any], inputs: Inputs) -> ScheduleViTConfig:
         depth = params["depth"]
         pool_after = pool_positions(depth, POOL_SCHEDULES[params["pool_schedule"]])
