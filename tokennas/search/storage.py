@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,11 +141,19 @@ def _open(text: str, heartbeat: int) -> Any:
 
         # our searcher asks and tells; storage.Heartbeat beats for its trials as optimize() would
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _RedactedRDBStorage(
-                with_password(text), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat)  # no retry callback: coordination.py re-asks lost candidates
+        for attempt in range(3):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return _RedactedRDBStorage(
+                        with_password(text), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                        grace_period=2 * heartbeat)  # no retry callback: coordination.py re-asks lost candidates
+            except Exception as err:
+                # drivers started together on an empty database race to create Optuna's tables: the loser
+                # sees "already exists" and finds them there on the next try
+                if "already exists" not in str(err) or attempt == 2:
+                    raise
+                time.sleep(1.0 + attempt)
     except ImportError:
         raise ValueError(f"--storage {redact(text)!r} needs a database driver: pip install 'tokennas[cluster]'") \
             from None
