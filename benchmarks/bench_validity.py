@@ -53,6 +53,27 @@ def rank_fidelity(table: pd.DataFrame) -> dict:
             "spearman": spearmanr(both["lo"], both["hi"]).statistic}
 
 
+def recipe_fidelity(tuned: Path, old: Path) -> pd.DataFrame:
+    """Kendall tau of lo against hi (seed 0 of each) for the old recipe and for the tuned one, over the
+    candidates both tables hold (``ground_truth.py --recipe old`` builds the old one)."""
+    from scipy.stats import kendalltau
+
+    def seed0(path: Path) -> pd.DataFrame:
+        raw = pd.read_csv(path)
+        raw = raw[(raw["seed"] == 0) & (raw["role"] == "candidate")]
+        return raw.pivot_table(index="candidate", columns="fidelity", values="val_acc").dropna()
+
+    a, b = seed0(old), seed0(tuned)
+    common = a.index.intersection(b.index)
+    rows = []
+    for name, table in (("old (1e-3 at batch 128, 1-epoch warm-up, smoothing 0.1, flips)", a),
+                        ("tuned (3e-3 at batch 64, 0.3-epoch warm-up, no smoothing, shifts and flips)", b)):
+        t = table.loc[common]
+        rows.append({"recipe": name, "candidates": len(common), "kendall tau": kendalltau(t["lo"], t["hi"]).statistic,
+                     "median hi": t["hi"].median(), "best hi": t["hi"].max()})
+    return pd.DataFrame(rows)
+
+
 def rung_agreement(table: pd.DataFrame) -> pd.DataFrame:
     """For each epoch r: share of candidates whose 'top third at epoch r' equals 'top third at the end'."""
     curves = np.stack(table["curve"].to_list())
@@ -157,6 +178,10 @@ def main() -> None:
     fidelity = rank_fidelity(table)
     print(f"\n## Rank fidelity\nKendall tau {fidelity['kendall_tau']:.3f}, Spearman {fidelity['spearman']:.3f} "
           f"over {fidelity['candidates']} candidates (lo against hi)")
+    old = args.table.with_name(args.table.stem + "_old_recipe.csv")
+    if old.exists():
+        print("\n## Rank fidelity before and after tuning (seed 0, lo against hi)\n"
+              + recipe_fidelity(args.table, old).to_markdown(index=False, floatfmt=".3f"))
     print("\n## Rung agreement\n" + rung_agreement(table).to_markdown(index=False, floatfmt=".3f"))
 
     rung = first_rung(epochs, TrainSettings().warmup_epochs)
