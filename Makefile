@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: a PSViT-space search under a 30M-MAC budget on 2 CPU cores, with the uniform baseline
-# and the top 2 re-ranked on 2 seeds; about 10 minutes.
+# and the top 2 re-ranked on 2 seeds; about 7 minutes on 2 idle cores (11.5 with the installation).
 search: setup
 	$(VENV)/bin/tokennas search --space psvit --flops 30M --trials 8 --epochs 3 --train-subset 3000 \
 		--retrain-top 2 --retrain-epochs 4 --retrain-seeds 2 --seed 0 --out $(RUN)
