@@ -118,7 +118,8 @@ def search(
                                               "saliency scorer in the search."),
     out: Path | None = typer.Option(None, help="Run folder [default: results/<space>-<timestamp>]."),
     resume: Path | None = typer.Option(None, help="Continue or extend the search in this run folder "
-                                       "(with --trials, --time-budget, --max-failures, --retrain-*, --top)."),
+                                       "(with --trials, --time-budget, --max-failures, --retrain-*, --top, "
+                                       "--ray-address, --heartbeat)."),
     quiet: bool = typer.Option(False, "--quiet", help="No live table."),
     ray_address: str | None = typer.Option(None, help="local (a private Ray, the default), auto (the cluster "
                                            "`ray start` set up here), HOST:PORT or ray://HOST:PORT."),
