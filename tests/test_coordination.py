@@ -94,3 +94,18 @@ def test_a_full_study_withdraws_a_late_trial(tmp_path):
 ])
 def test_redact_keeps_everything_but_the_password(url, expected):
     assert ST.redact(url) == expected
+
+
+def test_resume_takes_the_storage_again_with_its_password_and_nothing_else(tmp_path):
+    from tokennas.search.driver import resume_settings
+    from tokennas.search.settings import SearchSettings, save_settings
+
+    save_settings(SearchSettings(space="psvit", flops="30M", storage="postgresql://u@db:5432/s"),
+                  tmp_path / "search.yaml")  # as run_search stores it: without the password
+    settings = resume_settings(tmp_path, {"storage": "postgresql://u:pw@db:5432/s", "trials": 5})
+    assert settings.storage == "postgresql://u:pw@db:5432/s" and settings.trials == 5
+    with pytest.raises(ValueError, match="--storage cannot change on --resume"):
+        resume_settings(tmp_path, {"storage": "postgresql://u:pw@elsewhere:5432/s"})
+    assert resume_settings(tmp_path, {"ray_address": "auto"}).ray_address == "auto"
+    with pytest.raises(ValueError, match="--study-name cannot change on --resume"):
+        resume_settings(tmp_path, {"study_name": "other"})
