@@ -50,7 +50,7 @@ postgresql:
 	@[ -d $(POSTGRES) ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq postgresql; } || \
 	echo "postgresql is not installed (needs root: apt-get install postgresql); the PostgreSQL tests are skipped"
 
-# The essential tests (a few minutes on 2 cores); test-all adds the slow end-to-end ones (about 25 minutes).
+# The essential tests (a few minutes on 2 cores); test-all adds the slow end-to-end ones (about 28 minutes).
 test: setup chromium postgresql
 	$(VENV)/bin/pytest -q -m "not slow"
 
