@@ -121,21 +121,11 @@ def take_turn(study: optuna.Study, trial: optuna.Trial, target: int | None) -> o
 
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     """Mark the trial as training (ends its turn) and give it a first heartbeat where the storage has them."""
+    from .storage import beats
+
     trial.set_user_attr(CLAIMED, True)
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if getattr(backend, "heartbeat_interval", None) is not None:
-        storage.record_heartbeat(trial._trial_id)
-
-
-def status(study: optuna.Study, target: int) -> str:
-    """'finished' once ``target`` candidates are trained, 'wait' while the rest are in training elsewhere,
-    else 'ask'."""
-    fail_stale(study)
-    done, training = counts(study)
-    if done >= target:
-        return "finished"
-    return "wait" if done + training >= target else "ask"
+    if beats(study):
+        study._storage.record_heartbeat(trial._trial_id)
 
 
 def job_taken(runs: optuna.Study, run: optuna.Trial) -> int | None:

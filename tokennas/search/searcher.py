@@ -163,9 +163,6 @@ class BudgetSearcher(_RunsMixin, Searcher):
             self.__setstate__(pickle.load(f))
 
     # -- counts kept by the study, so that failures are replaced and a resumed search continues --
-    def trained_count(self) -> int:
-        return sum(S.trained(t) for t in self.study.get_trials(deepcopy=False))
-
     def failures(self) -> list[optuna.trial.FrozenTrial]:
         return S.failures(self.study, self.runs)
 

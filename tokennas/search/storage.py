@@ -92,8 +92,14 @@ def is_shared(storage: Any) -> bool:
     return not isinstance(storage, str)
 
 
-def has_heartbeat(storage: Any) -> bool:
-    return isinstance(storage, RDBStorage) and storage.heartbeat_interval is not None
+def _backend(study: optuna.Study) -> Any:
+    return getattr(study._storage, "_backend", study._storage)  # under Optuna's cache wrapper
+
+
+def beats(study: optuna.Study) -> bool:
+    """Whether the study's storage has heartbeats (an RDB storage opened by ``open_storage``)."""
+    backend = _backend(study)
+    return isinstance(backend, RDBStorage) and backend.heartbeat_interval is not None
 
 
 class _RedactedRDBStorage(RDBStorage):
@@ -192,7 +198,7 @@ def recover_lost_trials(study: optuna.Study, resume: bool, enqueue: bool = True)
     On resume the interrupted candidates are asked again (``enqueue``)."""
     from . import study as S
 
-    heartbeat = has_heartbeat(getattr(study._storage, "_backend", study._storage))
+    heartbeat = beats(study)
     if heartbeat:
         from .coordination import fail_stale
 
@@ -210,8 +216,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, live_trials) -> None:
         self.study, self.live_trials = study, live_trials
-        backend = getattr(study._storage, "_backend", study._storage)
-        self.interval = backend.heartbeat_interval if has_heartbeat(backend) else None
+        self.interval = _backend(study).heartbeat_interval if beats(study) else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="tokennas-heartbeat")
 
