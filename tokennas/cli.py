@@ -131,6 +131,16 @@ def search(
     study_name: str = typer.Option("tokennas", help="The study's name in --storage; drivers sharing it cooperate."),
     heartbeat: int = typer.Option(30, help="Seconds between heartbeats on an RDB --storage; a driver silent for "
                                   "twice that is taken as dead and its trials are run again."),
+    strategy: str = typer.Option("standalone", help="standalone: every candidate is trained (Ray Tune); oneshot: "
+                                 "candidates are scored on a supernet's shared weights, then the top K are trained "
+                                 "(psvit, hvt and tokens spaces)."),
+    parent: str | None = typer.Option(None, help="oneshot: the supernet's weights, a `tokennas train` checkpoint.pt "
+                                      "or a timm ViT/DeiT state dict [default: train a supernet in the run]."),
+    supernet_epochs: int | None = typer.Option(None, help="oneshot: epochs of supernet training [default: 6; 0 with "
+                                               "a --parent whose classifier fits the data]."),
+    finetune_epochs: int = typer.Option(0, help="oneshot: re-rank by fine-tuning the top K from their inherited "
+                                        "weights for this many epochs (0: train from scratch, --retrain-epochs)."),
+    score_images: int = typer.Option(2000, help="oneshot: validation images each candidate is scored on."),
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, the best are re-ranked on more
     seeds against the uniform baseline, reports come out."""

@@ -71,10 +71,23 @@ def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
     return {"acc": correct.item() / max(seen, 1), "loss": loss.item() / max(seen, 1)}
 
 
+def recipe(model: torch.nn.Module, settings: TrainSettings, updates_per_epoch: int):
+    """The optimizer (timm's AdamW, learning rate scaled with the batch), the cosine schedule with warm-up
+    stepped per update, and the loss: what every training in tokennas uses."""
+    optimizer = create_optimizer_v2(model, opt=settings.opt, lr=settings.lr * settings.batch_size / 128,
+                                    weight_decay=settings.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=settings.epochs,
+                                       warmup_epochs=min(settings.warmup_epochs, settings.epochs / 3),
+                                       step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    return optimizer, scheduler, LabelSmoothingCrossEntropy(settings.label_smoothing)
+
+
 def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
         on_epoch: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-        resume: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train ``config`` on ``data.train``, validating on ``data.val`` after every epoch."""
+        resume: dict[str, Any] | None = None,
+        init: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``config`` on ``data.train``, validating on ``data.val`` after every epoch; ``init``: starting
+    weights (a supernet's, for fine-tuning) instead of a fresh initialisation."""
     check_compatible(config, data)
     device = settings.resolved_device()
     torch.manual_seed(settings.seed)
@@ -86,12 +99,9 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     if len(train) == 0:
         raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
                          f"{settings.batch_size}")
-    optimizer = create_optimizer_v2(model, opt=settings.opt, lr=settings.lr * settings.batch_size / 128,
-                                    weight_decay=settings.weight_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=settings.epochs,
-                                       warmup_epochs=min(settings.warmup_epochs, settings.epochs / 3),
-                                       step_on_epochs=False, updates_per_epoch=len(train))
-    criterion = LabelSmoothingCrossEntropy(settings.label_smoothing)
+    if init is not None:
+        model.load_state_dict(init)
+    optimizer, scheduler, criterion = recipe(model, settings, len(train))
     start_epoch, updates = 0, 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -108,7 +118,7 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
                 loss = criterion(model(images), labels)
             window.append(loss.detach())
             if len(window) == (1 if device.type == "cpu" else 16) or step == len(train):
-                _check_finite(torch.stack(window), epoch + 1, step - len(window) + 1)
+                check_finite(torch.stack(window), epoch + 1, step - len(window) + 1)
                 window.clear()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,7 +137,7 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     return model, metrics
 
 
-def _check_finite(losses: torch.Tensor, epoch: int, first_step: int) -> None:
+def check_finite(losses: torch.Tensor, epoch: int, first_step: int) -> None:
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         index = int(bad[0])

@@ -132,7 +132,7 @@ class ScheduleViT(TimmModel, nn.Module):
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, c.grid**2 + self.num_prefix_tokens, D))
-        drop_path = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
+        drop_path = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(D, c.num_heads, c.mlp_ratio, c.qkv_bias, share_attn=b in c.share_attn, drop_path=drop_path[b],
                   norm_layer=norm_layer)
@@ -150,11 +150,12 @@ class ScheduleViT(TimmModel, nn.Module):
         # port and timm's default average head do the reverse, a different function.
         self.norm = norm_layer(D)
         self.head = nn.Linear(D, c.num_classes)
-        trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        for module in self.modules():
-            init_weights_vit_timm(module)
+        if self.pos_embed.device.type != "meta":  # a supernet's child (supernet.py) takes its weights from the parent
+            trunc_normal_(self.pos_embed, std=0.02)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=1e-6)
+            for module in self.modules():
+                init_weights_vit_timm(module)
         self.init_pretrained_cfg()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,12 @@ def prepare(settings: SearchSettings) -> Prepared:
         raise ValueError(f"invalid --trials {settings.trials}: only {len(feasible)} distinct {settings.space} "
                          f"candidates fit --flops {settings.flops} at {settings.img_size}px; ask for at most "
                          f"{len(feasible)} or raise the budget")
-    return Prepared(data, inputs, space, feasible)
+    prepared = Prepared(data, inputs, space, feasible)
+    if settings.strategy == "oneshot":
+        from . import oneshot
+
+        oneshot.check(settings, prepared)
+    return prepared
 
 
 def new_run_dir(settings: SearchSettings, out: Path | None) -> Path:
@@ -167,10 +172,15 @@ def _stages(settings: SearchSettings, prepared: Prepared, study, runs, run_dir: 
     from .report import write_reports
 
     try:
-        if _needs_search(settings, study, runs):
+        if settings.strategy == "oneshot":
+            from . import oneshot
+
+            if _needs_search(settings, study, runs):
+                oneshot.search(settings, prepared, study, runs, run_dir, deadline, progress)
+        elif _needs_search(settings, study, runs):
             _tune(settings, prepared, study, run_dir, "search", baseline_jobs(settings, prepared, runs), deadline,
                   progress)
-        jobs = retrain_jobs(settings, study, runs, prepared) if not _stopped(settings, study, runs) else []
+        jobs = retrain_jobs(settings, study, runs, prepared, run_dir) if not _stopped(settings, study, runs) else []
         if jobs and (deadline is None or deadline > time.monotonic()):
             _tune(settings, prepared, study, run_dir, "retrain", jobs, deadline, progress)
     except BaseException:
@@ -229,7 +239,8 @@ def retrain_seeds(settings: SearchSettings) -> list[int]:
     return [settings.seed + 1 + i for i in range(settings.retrain_seeds)]
 
 
-def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared) -> list[dict[str, Any]]:
+def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared,
+                 run_dir: Path | str = ".") -> list[dict[str, Any]]:
     """The top candidates of the search and the baseline, for each re-ranking seed, that have not run yet."""
     if settings.retrain_top == 0:
         return []
@@ -242,9 +253,16 @@ def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared) -> l
     baseline = prepared.space.baseline(settings.budget, prepared.inputs)
     if baseline is not None and sources:
         sources.append(("baseline", "baseline", baseline))
-    return [_job(role, "retrain", source, seed, config, settings.retrain_epochs)
+    epochs = settings.finetune_epochs or settings.retrain_epochs
+    jobs = [_job(role, "retrain", source, seed, config, epochs)
             for seed in retrain_seeds(settings) for role, source, config in sources
             if not _has_run(runs, "retrain", source, seed)]
+    if settings.finetune_epochs:  # one-shot: each starts from its weights inherited from the supernet
+        from .oneshot import supernet_path
+
+        for job in jobs:
+            job["init"] = str(supernet_path(Path(run_dir)).resolve())
+    return jobs
 
 
 def _raise_on_failure(settings: SearchSettings, study, runs) -> None:
@@ -301,7 +319,13 @@ def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
 
         settings = TrainSettings(**{**params["train"], "epochs": params["epochs"],
                                     "seed": params.get("seed", params["train"]["seed"])})
-        fit(config_from_dict(params["config"]), data, settings, on_epoch, resume)
+        config = config_from_dict(params["config"])
+        init = None
+        if params.get("init"):  # one-shot fine-tuning: the candidate's weights inherited from the supernet
+            from ..models.supernet import Supernet
+
+            init = Supernet.load(params["init"]).child_state_dict(config)
+        fit(config, data, settings, on_epoch, resume, init)
     except Exception as err:  # noqa: BLE001
         # The candidate's own failure (a non-finite loss, a bad config) is reported as its last result, not
         # raised: Ray's FailureConfig would retry a raised error, and only a lost node deserves a retry.
@@ -309,7 +333,7 @@ def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
 
 
 def _tune(settings: SearchSettings, prepared: Prepared, study, run_dir: Path, stage: str, jobs: list[dict[str, Any]],
-          deadline: float | None, progress: bool):
+          deadline: float | None, progress: bool, trainable=None, pool: list[dict[str, Any]] | None = None):
     from ray import tune
 
     from .progress import LiveTable
@@ -329,10 +353,11 @@ def _tune(settings: SearchSettings, prepared: Prepared, study, run_dir: Path, st
     else:
         searcher = JobSearcher(study, jobs, max_failures=settings.max_failures - len(S.failures(study,
                                                                                              S.open_runs(study))))
-        scheduler = make_scheduler("fifo", settings.objective, settings.retrain_epochs, 0)
+        scheduler = make_scheduler("fifo", settings.objective, max(j["epochs_planned"] for j in jobs), 0)
         total = len(jobs)
     table = LiveTable(searcher, settings, total, stage=stage, enabled=progress)
-    trainable = tune.with_resources(tune.with_parameters(train_candidate, data=prepared.data),
+    extra = {"pool": pool} if pool is not None else {}  # the supernet's candidates (oneshot.train_supernet)
+    trainable = tune.with_resources(tune.with_parameters(trainable or train_candidate, data=prepared.data, **extra),
                                     {"cpu": settings.cpus_per_trial, "gpu": gpus})
     name = f"{stage}-{len(study.trials)}"
     tuner = tune.Tuner(

@@ -66,6 +66,8 @@ class LiveTable(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "error" in result:  # the trainable caught the candidate's failure
             self._update(trial, state="ERROR")
+        elif "epoch_progress" in result:  # progress inside an epoch (the supernet)
+            self._update(trial, epoch=f"{result.get('epoch_progress', 0):.1f}")
         else:
             self._update(trial, epoch=result.get("epoch"), val_acc=result.get("val_acc"))
 

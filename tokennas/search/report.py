@@ -41,6 +41,13 @@ def _reason(t) -> str | None:
     return None
 
 
+def _scored(t) -> str | None:
+    """How a trial's accuracy was obtained: on a supernet's shared weights (one-shot) or by training."""
+    if t.user_attrs.get("val_acc") is None:
+        return None
+    return "shared weights" if t.user_attrs.get("shared") else "trained"
+
+
 def _seconds(t) -> float | None:
     seconds = t.user_attrs.get("seconds")
     if seconds is None and t.datetime_complete and t.datetime_start:
@@ -59,14 +66,14 @@ def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.Dat
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": t.user_attrs.get("epochs", 0), "seconds": _seconds(t),
                      "repeat_of": t.user_attrs.get("repeat_of"), "error": _reason(t), "node": t.user_attrs.get("node"),
-                     **{f"param_{k}": v for k, v in t.params.items()}})
+                     "scored": _scored(t), **{f"param_{k}": v for k, v in t.params.items()}})
     for t in _runs(runs, "search"):
         rows.append({"number": None, "role": "baseline", "state": _state(t), "flops": t.user_attrs.get("flops"),
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": len(t.user_attrs.get("history", [])), "seconds": _seconds(t), "repeat_of": None,
-                     "error": _reason(t), "node": t.user_attrs.get("node")})
+                     "error": _reason(t), "node": t.user_attrs.get("node"), "scored": _scored(t)})
     columns = ["number", "role", "state", "flops", "params", "val_acc", "epochs", "seconds", "repeat_of", "error",
-               "node"]
+               "node", "scored"]
     frame = pd.DataFrame(rows, columns=None if rows else columns)
     frame["number"] = frame["number"].astype("Int64")
     frame["repeat_of"] = frame["repeat_of"].astype("Int64")
@@ -86,10 +93,11 @@ def retrain_table(runs: optuna.Study) -> pd.DataFrame:
     rows = [{"source": t.user_attrs.get("source"), "role": t.user_attrs.get("role"), "seed": t.user_attrs.get("seed"),
              "state": _state(t), "flops": t.user_attrs.get("flops"), "params": t.user_attrs.get("params"),
              "val_acc": t.user_attrs.get("val_acc"), "epochs": len(t.user_attrs.get("history", [])),
-             "seconds": _seconds(t), "error": _reason(t), "node": t.user_attrs.get("node")}
+             "seconds": _seconds(t), "error": _reason(t), "node": t.user_attrs.get("node"),
+             "start": "supernet weights" if t.user_attrs.get("init") else "scratch"}
             for t in _runs(runs, "retrain")]
     return pd.DataFrame(rows, columns=["source", "role", "seed", "state", "flops", "params", "val_acc", "epochs",
-                                       "seconds", "error", "node"])
+                                       "seconds", "error", "node", "start"])
 
 
 def pareto_mask(frame: pd.DataFrame, acc: str = "val_acc") -> pd.Series:
@@ -227,7 +235,9 @@ def plot_pareto(frame: pd.DataFrame, budget: int, path: Path, ranking: pd.DataFr
         ax.scatter(pruned["flops"], pruned["val_acc"], color="tab:gray", alpha=0.6, label="stopped early (ASHA)")
     if len(done):
         front = done[pareto_mask(done)].sort_values("flops")
-        ax.scatter(done["flops"], done["val_acc"], color="tab:blue", label="trained")
+        shared = "scored" in done and (done["scored"] == "shared weights").all()
+        ax.scatter(done["flops"], done["val_acc"], color="tab:blue",
+                   label="scored on shared weights" if shared else "trained")
         ax.step(front["flops"], front["val_acc"], where="post", color="tab:orange", lw=2, label="Pareto front")
         ax.scatter(front["flops"], front["val_acc"], color="tab:orange", zorder=3)
     base = baseline[baseline["val_acc"].notna()]
@@ -366,20 +376,40 @@ def _acc(mean, std, seeds) -> str:
     return f"{mean:.4f} ± {0.0 if pd.isna(std) else std:.4f} ({seeds} seed{'s' if seeds != 1 else ''})"
 
 
-def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best: list[Path], baseline) -> str:
+def _strategy_lines(settings, supernet: dict | None) -> list[str]:
+    if settings.strategy != "oneshot":
+        return [f"- strategy: standalone, every candidate trained for up to {settings.epochs} epochs",
+                f"- re-ranking: the top {settings.retrain_top} and the baseline, {settings.retrain_epochs} epochs, "
+                f"{settings.retrain_seeds} seeds each, from scratch; selection on the validation split only"]
+    if supernet is None:
+        origin = "not built yet"
+    elif supernet.get("epochs"):
+        origin = (f"trained {supernet['epochs']} epochs in this run (sandwich rule)"
+                  + (f" from --parent {supernet['parent']}" if supernet.get("parent") else " from scratch"))
+    else:
+        origin = f"--parent {supernet.get('parent')} as it is"
+    start = (f"fine-tuned {settings.finetune_epochs} epochs from their inherited weights" if settings.finetune_epochs
+             else f"trained {settings.retrain_epochs} epochs from scratch")
+    return [f"- strategy: one-shot; candidates scored on the shared weights of supernet.pt ({origin}), on the first "
+            f"{settings.score_images} validation images, with no training of their own (`scored` in trials.csv)",
+            f"- re-ranking: the top {settings.retrain_top} and the baseline {start}, {settings.retrain_seeds} seeds "
+            "each; selection on the validation split only"]
+
+
+def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best: list[Path], baseline,
+                     supernet: dict | None = None) -> str:
     candidates = frame[frame["role"] == "candidate"]
     counts = candidates["state"].value_counts().to_dict() if len(candidates) else {}
+    scored = "scored" if settings.strategy == "oneshot" else "trained"
     lines = [f"# tokennas search: {settings.space} under {settings.flops} MACs", "",
              f"- objective: {settings.objective}, sampler: {settings.sampler}, scheduler: {settings.scheduler}, "
              f"seed: {settings.seed}",
-             f"- data: {settings.dataset} at {settings.img_size}px, train subset: {settings.train_subset or 'all'}, "
-             f"epochs per candidate: {settings.epochs}",
+             f"- data: {settings.dataset} at {settings.img_size}px, train subset: {settings.train_subset or 'all'}",
              f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} stopped early, "
              f"{counts.get('FAIL', 0)} failed, {counts.get('INTERRUPTED', 0)} interrupted, "
              f"{counts.get('INFEASIBLE', 0)} proposals over budget and "
-             f"{counts.get('REPEAT', 0)} repeated configs (neither trained)",
-             f"- re-ranking: the top {settings.retrain_top} and the baseline, {settings.retrain_epochs} epochs, "
-             f"{settings.retrain_seeds} seeds each, from scratch; selection on the validation split only", ""]
+             f"{counts.get('REPEAT', 0)} repeated configs (neither {scored})",
+             *_strategy_lines(settings, supernet), ""]
     failed = candidates[candidates["state"] == "FAIL"]
     if len(failed):
         lines += [f"First failure: trial {failed.iloc[0]['number']}: {failed.iloc[0]['error']}", ""]
@@ -409,7 +439,7 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
         cost = format_flops(sum(baseline.flops_by_module().values()))
         lines += ["", f"Uniform DeiT-style baseline within the budget: width {baseline.embed_dim}, "
                       f"depth {baseline.depth}, heads {baseline.num_heads}, {cost} MACs; "
-                      f"trained in the search: {f'{acc:.4f}' if acc is not None else state}."]
+                      f"{scored} in the search: {f'{acc:.4f}' if acc is not None else state}."]
     again = ranking[ranking["retrained"]] if len(ranking) else ranking
     top, base = (again[again["role"] == r] for r in ("candidate", "baseline")) if len(again) else (again, again)
     if len(top) and len(base):
@@ -442,7 +472,13 @@ def write_reports(run_dir: Path) -> None:
     inputs = Inputs(settings.img_size, configs[0]["in_chans"], configs[0]["num_classes"]) if configs else Inputs(
         settings.img_size)
     baseline = settings.space_object().baseline(settings.budget, inputs)
-    summary = summary_markdown(settings, frame, ranking, best, baseline)
+    supernet = None
+    if (run_dir / "supernet.pt").is_file():
+        import torch
+
+        state = torch.load(run_dir / "supernet.pt", map_location="cpu", weights_only=True, mmap=True)
+        supernet = {"epochs": state.get("epochs"), "parent": state.get("parent")}
+    summary = summary_markdown(settings, frame, ranking, best, baseline, supernet)
     write_html(study, frame, settings.objective, settings.budget,
                f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html", mosaic,
                ranking, summary)

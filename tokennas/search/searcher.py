@@ -57,7 +57,7 @@ class _RunsMixin:
         while self.jobs:
             job = self.jobs.pop(0)
             run = self.runs.ask()
-            for key in ("role", "stage", "source", "seed", "config", "flops", "params", "epochs_planned"):
+            for key in ("role", "stage", "source", "seed", "config", "flops", "params", "epochs_planned", "init"):
                 if key in job:
                     run.set_user_attr(key, job[key])
             holder = coordination.job_taken(self.runs, run)
@@ -65,8 +65,10 @@ class _RunsMixin:
                 self.others.append(holder)
                 continue
             self.jobs_live[trial_id] = (run, [])
+            passed = ("init", "parent", "resume_from", "score_images")  # what some jobs' trainables need
             return {"config": job["config"], "flops": job["flops"], "number": f"{job['source']}/s{job['seed']}",
-                    "role": job["role"], "seed": job["seed"], "epochs": job["epochs_planned"]}
+                    "role": job["role"], "seed": job["seed"], "epochs": job["epochs_planned"],
+                    **{k: job[k] for k in passed if k in job}}
         return None
 
     def _result_job(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -241,7 +243,7 @@ class BudgetSearcher(_RunsMixin, Searcher):
         return path if path and Path(path).exists() else None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if "val_acc" not in result or "error" in result:
+        if "val_acc" not in result or "error" in result or "epoch_progress" in result:  # progress only
             return
         if trial_id in self.jobs_live:
             self._result_job(trial_id, result)
@@ -286,6 +288,8 @@ class BudgetSearcher(_RunsMixin, Searcher):
     def record_checkpoint(self, trial_id: str, path: str) -> None:
         if trial_id in self.live:
             self.live[trial_id].set_user_attr("checkpoint", path)
+        elif trial_id in self.jobs_live:  # the supernet's run: its weights are read from the last checkpoint
+            self.jobs_live[trial_id][0].set_user_attr("checkpoint", path)
 
     def close_pending(self, reason: str) -> None:
         """Trials Ray stopped without completing them (the time budget): interrupted, asked again on resume."""

@@ -17,6 +17,8 @@ from ..spaces import get_space
 from . import study as S
 
 SCHEDULERS = ("asha", "fifo")
+STRATEGIES = ("standalone", "oneshot")
+ONESHOT_SPACES = ("psvit", "hvt", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,12 @@ class SearchSettings:
     storage: str | None = None  # Optuna storage URL, password never stored; None: RUN_DIR/study.db
     study_name: str = S.STUDY_NAME
     heartbeat: int = 30  # seconds between heartbeats of a shared RDB study; a trial is lost after twice that
+    # how candidates are evaluated (see oneshot.py): standalone training, or scoring on a supernet's shared weights
+    strategy: str = "standalone"
+    parent: str | None = None  # oneshot: the supernet's weights (tokennas checkpoint or timm ViT/DeiT state dict)
+    supernet_epochs: int | None = None  # oneshot: None = 6 (0 with a parent whose classifier fits the data)
+    finetune_epochs: int = 0  # oneshot: re-ranking fine-tunes from the supernet for this many epochs (0: scratch)
+    score_images: int = 2000  # oneshot: validation images each candidate is scored on (the first N of the split)
 
     # what `--resume RUN` may change; everything else is fixed by search.yaml
     RESUMABLE = ("trials", "time_budget", "max_failures", "retrain_top", "retrain_epochs", "retrain_seeds", "top",
@@ -101,6 +109,32 @@ class SearchSettings:
                 raise ValueError(f"invalid --gpus-per-trial {self.gpus_per_trial}: CUDA is not available on this "
                                  "machine; use 0 or leave it unset")
         self.validate_cluster()
+        self.validate_strategy()
+
+    def validate_strategy(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"invalid --strategy {self.strategy!r}; expected one of: {', '.join(STRATEGIES)}")
+        if self.strategy != "oneshot":
+            for name in ("parent", "supernet_epochs"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"--{name.replace('_', '-')} needs --strategy oneshot")
+            if self.finetune_epochs:
+                raise ValueError("--finetune-epochs needs --strategy oneshot")
+            return
+        if self.space not in ONESHOT_SPACES:
+            raise ValueError(f"invalid --space {self.space!r} for --strategy oneshot; expected one of: "
+                             f"{', '.join(ONESHOT_SPACES)} (their candidates are one ViT whose weights slice; "
+                             "crossvit, quadtree and stt candidates do not share one trunk)")
+        checks = [
+            (self.parent is None or Path(self.parent).is_file(), f"invalid --parent {self.parent!r}: no such file"),
+            (self.supernet_epochs is None or self.supernet_epochs >= 0,
+             f"invalid --supernet-epochs {self.supernet_epochs}; expected 0 or more"),
+            (self.finetune_epochs >= 0, f"invalid --finetune-epochs {self.finetune_epochs}; expected 0 or more"),
+            (self.score_images >= 1, f"invalid --score-images {self.score_images}; expected at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     def validate_cluster(self) -> None:
         """The cluster and storage options: form only, no I/O (connections are checked by storage.py and
@@ -135,6 +169,10 @@ class SearchSettings:
         space = get_space(self.space)
         if self.scorer_weights and hasattr(space, "scorer_checkpoint"):
             space = type(space)(scorer_checkpoint=str(Path(self.scorer_weights).resolve()))
+        if self.space == "tokens":  # schedules are fractions of the budget, on the parent's trunk when there is one
+            from ..models.supernet import parent_trunk
+
+            space = type(space)(budget=self.budget, trunk=parent_trunk(self.parent) if self.parent else None)
         return space
 
 

@@ -1,0 +1,148 @@
+"""The one-shot strategy: the supernet's weight sharing, parents, and real searches through the CLI."""
+
+import random
+
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from tokennas.cli import main
+from tokennas.config import build_model
+from tokennas.models.schedule_vit import ScheduleViTConfig
+from tokennas.models.supernet import Supernet, build_supernet, load_parent
+from tokennas.spaces import Inputs, get_space
+
+ONESHOT = ("--strategy", "oneshot", "--train-subset", "300", "--supernet-epochs", "1", "--score-images", "200",
+           "--seed", "0", "--quiet")
+
+
+def feasible(space_name, budget=30_000_000):
+    space, inputs = get_space(space_name), Inputs()
+    return [space.build(p, inputs) for p in space.feasible(budget, inputs)[0].values()]
+
+
+@pytest.mark.parametrize("space_name", ["psvit", "hvt"])
+def test_a_child_computes_what_its_standalone_model_computes(space_name):
+    configs = feasible(space_name)
+    net = build_supernet(configs).eval()
+    x = torch.randn(2, 1, 32, 32)
+    for config in random.Random(0).sample(configs, 12):
+        model = build_model(config).eval()
+        model.load_state_dict(net.child_state_dict(config))  # strict: every parameter has its slice
+        with torch.no_grad():
+            assert torch.allclose(net(x, config), model(x), atol=1e-5), config
+
+
+def test_children_share_the_parents_tensors_and_train_them():
+    configs = feasible("psvit")
+    net = build_supernet(configs)
+    narrow = min(configs, key=lambda c: (c.embed_dim, c.depth))
+    net(torch.randn(2, 1, 32, 32), narrow).sum().backward()
+    grad = net.blocks[0].attn.qkv.weight.grad.view(3, net.config.embed_dim, -1)
+    d = narrow.embed_dim
+    assert grad[:, :d, :d].abs().sum() > 0 and grad[:, d:, :].abs().sum() == 0  # only the child's slice learns
+    assert all(b.attn.qkv.weight.grad is None for b in net.blocks[narrow.depth:])  # nor deeper blocks
+
+
+def test_a_sharing_block_uses_the_value_third_of_qkv():
+    config = ScheduleViTConfig(img_size=32, in_chans=1, num_classes=10, patch_size=4, embed_dim=64, depth=4,
+                               num_heads=2, share_attn=(1, 3))
+    net = build_supernet([config, config.replace(share_attn=(), embed_dim=96)])
+    weights = net.child_weights(config)
+    assert torch.equal(weights["blocks.1.attn.v.weight"], net.blocks[1].attn.qkv.weight.view(3, 96, 96)[2, :64, :64])
+
+
+def test_the_patch_size_cannot_share_weights():
+    a = ScheduleViTConfig(img_size=32, in_chans=1, num_classes=10, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match="`patch_size` cannot share weights"):
+        build_supernet([a, a.replace(patch_size=8)])
+
+
+def test_a_timm_deit_state_dict_is_a_parent(tmp_path):
+    """A parent from timm: with the data's own channels and classes the identity child gives timm's logits; for
+    grey 10-class data timm's adapters fit the input conv and drop the head."""
+    deit = timm.create_model("deit_tiny_patch16_224").eval()
+    torch.save(deit.state_dict(), tmp_path / "deit.pth")
+    parent = load_parent(tmp_path / "deit.pth", 224, 3, 1000)
+    assert parent.head_kept and (parent.trunk.embed_dim, parent.trunk.depth, parent.trunk.num_heads) == (192, 12, 3)
+    identity = parent.trunk.replace(num_heads=3)
+    net = build_supernet([identity], parent).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(net(x, identity), deit(x), atol=1e-4)
+    grey = load_parent(tmp_path / "deit.pth", 224, 1, 10)
+    assert not grey.head_kept and "head.weight" not in grey.state
+    assert torch.allclose(grey.state["patch_embed.proj.weight"], deit.patch_embed.proj.weight.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="`embed_dim` is 384 but the parent holds at most 192"):
+        build_supernet([grey.trunk.replace(embed_dim=384, num_heads=6)], grey)
+
+
+def test_supernet_save_and_load_round_trip(tmp_path):
+    configs = feasible("hvt")
+    net = build_supernet(configs)
+    net.save(tmp_path / "supernet.pt")
+    again = Supernet.load(tmp_path / "supernet.pt")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x, configs[5]), again.eval()(x, configs[5]))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--space", "psvit", "--flops", "30M", "--parent", "x.pt"), "--parent needs --strategy oneshot"),
+    (("--space", "crossvit", "--flops", "30M", "--strategy", "oneshot"), "invalid --space 'crossvit'"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--parent", "missing.pt"), "no such file"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--strategy", "magic"), "--strategy"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--score-images", "0"), "--score-images"),
+])
+def test_bad_oneshot_input_exits_2_and_writes_nothing(tmp_path, args, needle, capsys):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", *args, "--out", str(run_dir)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and needle in err, err
+    assert not run_dir.exists()
+
+
+def test_a_parent_too_narrow_for_the_space_exits_2(tmp_path, capsys):
+    narrow = build_model(ScheduleViTConfig(img_size=32, in_chans=1, num_classes=10, patch_size=4, embed_dim=32,
+                                           depth=2, num_heads=1))
+    torch.save(narrow.state_dict(), tmp_path / "narrow.pth")
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--parent",
+              str(tmp_path / "narrow.pth"), "--train-subset", "300", "--out", str(run_dir)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "the parent holds at most 32" in err and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
+def test_oneshot_psvit_search_scores_on_shared_weights_then_retrains(tmp_path):
+    """A real one-shot search: the supernet trains as a Ray Tune trial, 12 candidates are scored on its weights,
+    the top one and the baseline are fine-tuned from them; then --resume scores 4 more without a new supernet."""
+    run_dir = tmp_path / "run"
+    main_ok(["search", "--space", "psvit", "--flops", "30M", "--trials", "12", *ONESHOT, "--retrain-top", "1",
+             "--retrain-seeds", "1", "--finetune-epochs", "1", "--out", str(run_dir)])
+    frame = pd.read_csv(run_dir / "trials.csv")
+    scored = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    assert len(scored) == 12 and (scored["scored"] == "shared weights").all() and (scored["flops"] <= 30e6).all()
+    assert scored["val_acc"].between(0, 1).all() and scored["val_acc"].nunique() > 1
+    assert frame[frame["role"] == "baseline"]["scored"].tolist() == ["shared weights"]
+    retrain = pd.read_csv(run_dir / "retrain.csv")
+    assert sorted(retrain["role"]) == ["baseline", "candidate"] and (retrain["state"] == "COMPLETE").all()
+    assert (retrain["start"] == "supernet weights").all() and (retrain["epochs"] == 1).all()
+    summary = (run_dir / "summary.md").read_text()
+    assert "one-shot" in summary and "trained 1 epochs in this run" in summary
+    assert (run_dir / "supernet.pt").is_file() and list((run_dir / "best").glob("01-*.yaml"))
+    stamp = (run_dir / "supernet.pt").stat().st_mtime_ns
+
+    main_ok(["search", "--resume", str(run_dir), "--trials", "16", "--quiet"])
+    frame = pd.read_csv(run_dir / "trials.csv")
+    assert ((frame["role"] == "candidate") & (frame["state"] == "COMPLETE")).sum() == 16
+    assert (run_dir / "supernet.pt").stat().st_mtime_ns == stamp  # the supernet is not trained again
+
+
+def main_ok(argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0

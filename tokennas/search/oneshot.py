@@ -1,0 +1,284 @@
+"""The one-shot strategy (``--strategy oneshot``): candidates are scored on a supernet's shared weights.
+
+1. **Supernet.** Without ``--parent``, or when the parent's classifier does not fit the data, a supernet
+   (``models/supernet.py``) is trained as one Ray Tune trial of the runs study (stage ``supernet``) and
+   saved as ``RUN/supernet.pt``. Each step trains the sandwich of BigNAS/AutoFormer: the largest and the
+   smallest feasible candidate (by MACs) and two random feasible ones, their gradients summed into one
+   update. A parent whose classifier fits the data is used as it is (``--supernet-epochs 0``).
+2. **Scoring.** Optuna proposes; over-budget proposals and repeats are closed as in the standalone search
+   (the same ``BudgetSearcher``, so several drivers can share the study); each feasible candidate is scored
+   in-process by its validation accuracy with the inherited weights, on the first ``--score-images`` images
+   of the validation split. ``--trials`` counts the candidates scored. The uniform baseline is scored too.
+3. **Re-ranking** is the standalone search's stage: the top K and the baseline are trained through Ray
+   Tune, from scratch or (``--finetune-epochs``) fine-tuned from their inherited weights.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import config_from_dict
+from ..data import Batches, DataBundle, TensorSplit
+from ..models.supernet import Supernet, build_supernet, load_parent
+from ..train import TrainSettings, check_compatible, check_finite, evaluate, recipe
+from . import cluster
+from . import study as S
+
+DEFAULT_SUPERNET_EPOCHS = 6
+SANDWICH_RANDOM = 2  # random candidates per step, beside the largest and the smallest
+
+
+def supernet_epochs(settings, head_kept: bool) -> int:
+    """``--supernet-epochs``, else 6; 0 for a parent whose classifier fits the data (used as it is)."""
+    if settings.supernet_epochs is not None:
+        if settings.supernet_epochs == 0 and settings.parent and not head_kept:
+            raise ValueError(f"invalid --supernet-epochs 0: the classifier of --parent {settings.parent!r} does not "
+                             "fit the data's classes, so the supernet must train at least 1 epoch")
+        return settings.supernet_epochs
+    return 0 if settings.parent and head_kept else DEFAULT_SUPERNET_EPOCHS
+
+
+def feasible_configs(prepared) -> list:
+    return [prepared.space.build(params, prepared.inputs) for params in prepared.feasible.values()]
+
+
+def check(settings, prepared) -> None:
+    """Everything the strategy needs, before anything is written: the parent loads, fits the data and covers
+    every feasible candidate; a supernet can hold the space."""
+    parent = None
+    if settings.parent:
+        inputs = prepared.inputs
+        parent = load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes)
+    supernet_epochs(settings, parent is None or parent.head_kept)
+    build_supernet(feasible_configs(prepared), parent)  # raises naming what a candidate needs beyond the parent
+
+
+# -- the supernet's training, as a Ray Tune function trainable --
+def sandwich(configs: list, flops: list[int], rng: random.Random) -> list:
+    largest, smallest = configs[max(range(len(configs)), key=flops.__getitem__)], \
+        configs[min(range(len(configs)), key=flops.__getitem__)]
+    return [largest, smallest, *rng.sample(configs, min(SANDWICH_RANDOM, len(configs)))]
+
+
+def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: TrainSettings, score_images: int,
+                 on_epoch=None, resume: dict[str, Any] | None = None, on_step=None) -> dict[str, Any]:
+    """Train the supernet with the sandwich rule; ``on_epoch(metrics, state)`` after each epoch (the accuracy of
+    the largest and the smallest candidate on the scoring images), ``on_step(fraction of the run)``."""
+    from ..flops import count_flops
+
+    device = settings.resolved_device()
+    torch.manual_seed(settings.seed)
+    net = net.to(device)
+    train = Batches(data.train, settings.batch_size, net.config.img_size, device, shuffle=True, seed=settings.seed,
+                    stats=data.stats, augment=settings.augment != "none", num_workers=settings.workers)
+    if len(train) == 0:
+        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
+                         f"{settings.batch_size}")
+    val = scoring_batches(data, score_images, net.config.img_size, device, settings.workers)
+    optimizer, scheduler, criterion = recipe(net, settings, len(train))
+    flops = [count_flops(c) for c in configs]
+    rng = random.Random(settings.seed)
+    start_epoch, updates = 0, 0
+    if resume is not None:
+        net.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_epoch, updates = resume["epoch"], resume["updates"]
+        train.generator.manual_seed(settings.seed + start_epoch)
+        rng.seed(settings.seed + start_epoch)
+    ends = sandwich(configs, flops, rng)[:2]
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, settings.epochs):
+        net.train()
+        started, total = time.perf_counter(), torch.zeros((), device=device)
+        for step, (images, labels) in enumerate(train, start=1):
+            optimizer.zero_grad(set_to_none=True)
+            for config in sandwich(configs, flops, rng):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = criterion(net(images, config), labels) / (2 + SANDWICH_RANDOM)
+                check_finite(loss.detach()[None], epoch + 1, step)
+                loss.backward()
+                total += loss.detach()
+            optimizer.step()
+            updates += 1
+            scheduler.step_update(updates)
+            if on_step is not None and step % max(1, len(train) // 10) == 0:
+                on_step(epoch + step / len(train))
+        net.eval()
+        accs = [evaluate(_Child(net, c), val)["acc"] for c in ends]
+        metrics = {"epoch": epoch + 1, "train_loss": total.item() / len(train), "val_acc": accs[0],
+                   "val_acc_smallest": accs[1], "epoch_seconds": time.perf_counter() - started}
+        if on_epoch is not None:
+            on_epoch(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                               "updates": updates, "config": net.config.to_dict(), "supernet": net.spec})
+    return metrics
+
+
+class _Child(torch.nn.Module):
+    """A child of the supernet as a plain module, for ``evaluate``."""
+
+    def __init__(self, net: Supernet, config) -> None:
+        super().__init__()
+        self.net, self.child_config = net, config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, self.child_config)
+
+
+def train_supernet(params: dict[str, Any], data: DataBundle, pool: list[dict[str, Any]]) -> None:
+    """Ray Tune function trainable for the supernet: one report and checkpoint per epoch, resumable."""
+    from ray import tune
+
+    from .searcher import error_line
+
+    torch.set_num_threads(max(1, int(params["cpus"])))
+    node = cluster.node_name()
+    last = {"epoch": 0, "val_acc": 0.0}
+    try:
+        resume = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None and params.get("resume_from"):
+            checkpoint = tune.Checkpoint(params["resume_from"])
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+            last["epoch"] = int(resume["epoch"])
+        configs = [config_from_dict(c) for c in pool]
+        trunk = config_from_dict(params["config"])
+        parent = load_parent(params["parent"], trunk.img_size, trunk.in_chans, trunk.num_classes) \
+            if params.get("parent") else None
+        net = build_supernet(configs, parent)
+        check_compatible(net.config, data)
+
+        def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+            last.update(epoch=metrics["epoch"], val_acc=metrics["val_acc"])
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(state, Path(folder) / "state.pt")
+                tune.report({**metrics, "node": node}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+        def on_step(progress: float) -> None:
+            tune.report({**last, "epoch_progress": progress, "node": node})  # Ray wants val_acc in every result
+
+        settings = TrainSettings(**{**params["train"], "epochs": params["epochs"]})
+        fit_supernet(net, configs, data, settings, params["score_images"], on_epoch, resume, on_step)
+    except Exception as err:  # noqa: BLE001  (reported, not raised: see driver.train_candidate)
+        tune.report({**last, "node": node, "error": error_line(err), "traceback": traceback.format_exc()})
+
+
+# -- the strategy, called by the driver --
+def scoring_batches(data: DataBundle, images: int, img_size: int, device, workers: int = 0) -> Batches:
+    """The first ``images`` images of the validation split, in order: every candidate sees the same ones."""
+    val = data.val
+    n = min(images, len(val))
+    subset = TensorSplit(val.images[:n], val.labels[:n]) if isinstance(val, TensorSplit) else \
+        torch.utils.data.Subset(val, range(n))
+    return Batches(subset, 256, img_size, device, shuffle=False, stats=data.stats, num_workers=workers)
+
+
+def supernet_path(run_dir: Path) -> Path:
+    return run_dir / "supernet.pt"
+
+
+def search(settings, prepared, study, runs, run_dir: Path, deadline: float | None, progress: bool) -> None:
+    """The supernet (trained once, kept in the run folder), then scoring until ``--trials`` are scored."""
+    if not supernet_path(run_dir).is_file() and not _supernet(settings, prepared, study, runs, run_dir, deadline,
+                                                                progress):
+        return  # failed or cut off: the failure is recorded, --resume continues it
+    if deadline is None or deadline > time.monotonic():
+        _score(settings, prepared, study, run_dir, deadline, progress)
+
+
+def _supernet(settings, prepared, study, runs, run_dir: Path, deadline, progress) -> bool:
+    from optuna.trial import TrialState
+
+    from .driver import _job, _tune
+
+    inputs = prepared.inputs
+    parent = load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes) \
+        if settings.parent else None
+    configs = feasible_configs(prepared)
+    epochs = supernet_epochs(settings, parent is None or parent.head_kept)
+    net = build_supernet(configs, parent)
+    if epochs == 0:
+        net.save(supernet_path(run_dir), parent=settings.parent, epochs=0)
+        return True
+    previous = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"]
+    job = _job("supernet", "supernet", "supernet", settings.seed, net.config, epochs)
+    job["parent"] = str(Path(settings.parent).resolve()) if settings.parent else None
+    job["score_images"] = settings.score_images
+    cut = [t.user_attrs["checkpoint"] for t in previous if t.state == TrialState.FAIL and "interrupted" in t.user_attrs
+           and Path(t.user_attrs.get("checkpoint", "")).exists()]
+    if cut:
+        job["resume_from"] = cut[-1]  # a supernet cut by --time-budget or a killed driver goes on from there
+    if previous and any("error" in t.user_attrs for t in previous):
+        return False  # it failed with an error: reported as such, not trained again
+    _tune(settings, prepared, study, run_dir, "supernet", [job], deadline, progress, trainable=train_supernet,
+          pool=[c.to_dict() for c in configs])
+    done = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"
+            and t.state == TrialState.COMPLETE and t.user_attrs.get("checkpoint")]
+    if not done:
+        return False
+    state = torch.load(Path(done[-1].user_attrs["checkpoint"]) / "state.pt", map_location="cpu", weights_only=True)
+    Supernet.from_state(state).save(supernet_path(run_dir), parent=settings.parent, epochs=epochs)
+    return True
+
+
+def _score(settings, prepared, study, run_dir: Path, deadline, progress: bool) -> None:
+    from ray.tune.search import Searcher
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..train import evaluate
+    from .driver import _trained, baseline_jobs
+    from .searcher import BudgetSearcher, error_line
+    from .storage import Heartbeat
+
+    net = Supernet.load(supernet_path(run_dir)).eval()
+    device = torch.device("cuda" if settings.gpus() > 0 else "cpu")
+    net.to(device)
+    data = prepared.data
+    val = scoring_batches(data, settings.score_images, settings.img_size, device)
+    runs = S.open_runs(study)
+    jobs = baseline_jobs(settings, prepared, runs)
+    for job in jobs:
+        job["epochs_planned"] = 0  # scored, not trained
+    searcher = BudgetSearcher(study, prepared.space, prepared.inputs, settings.budget, 0, trials=settings.trials,
+                              max_failures=settings.max_failures, feasible=prepared.feasible, jobs=jobs,
+                              seed=settings.seed + len(study.trials))
+    todo = max(0, settings.trials - _trained(study))
+    columns = [TextColumn("scoring on shared weights"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[note]}")]
+    best, n = 0.0, 0
+    with Progress(*columns, disable=not progress, transient=False) as bar, Heartbeat(study, searcher.held_trials):
+        task = bar.add_task("score", total=todo, note="")
+        while deadline is None or deadline > time.monotonic():
+            n += 1
+            trial_id = f"score-{n}"
+            suggestion = searcher.suggest(trial_id)
+            if suggestion == Searcher.FINISHED:
+                break
+            if suggestion is None:  # other drivers of a shared study hold the rest
+                time.sleep(0.5)
+                continue
+            started = time.perf_counter()
+            try:
+                config = config_from_dict(suggestion["config"])
+                with torch.no_grad():
+                    acc = evaluate(_Child(net, config), val)["acc"]
+            except Exception as err:  # noqa: BLE001  (a candidate that cannot run is a failed trial)
+                searcher.on_trial_complete(trial_id, None, error=True)
+                searcher.fail(trial_id, error_line(err))
+                continue
+            held = searcher.live.get(trial_id) or searcher.jobs_live.get(trial_id, (None,))[0]
+            held.set_user_attr("shared", True)
+            searcher.on_trial_complete(trial_id, {"val_acc": acc, "epoch": 0,
+                                                  "time_total_s": time.perf_counter() - started})
+            if suggestion["role"] == "candidate":
+                best = max(best, acc)
+                bar.update(task, advance=1, note=f"best {best:.4f} · {searcher.infeasible} over budget · "
+                                                 f"{searcher.repeats} repeats")
