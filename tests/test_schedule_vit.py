@@ -110,10 +110,10 @@ def test_shared_block_applies_previous_attention_map():
     model = ScheduleViT(config).eval()
     x = torch.randn(1, 17, 32)
     with torch.no_grad():
-        y0, attn = model.blocks[0](x, return_attn=True)
+        y0, attn, _ = model.blocks[0](x, return_attn=True)
         assert attn.shape == (1, 2, 17, 17)
         assert torch.allclose(attn.sum(-1), torch.ones(1, 2, 17))
-        y1, passed_on = model.blocks[1](y0, attn)
+        y1, passed_on, _ = model.blocks[1](y0, attn)
         assert passed_on is attn
         a = model.blocks[1].attn
         v = a.v(model.blocks[1].norm1(y0)).reshape(1, 17, 2, 16).transpose(1, 2)

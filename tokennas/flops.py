@@ -29,7 +29,7 @@ ZERO_COST_OPS = (
     "aten::lt", "aten::gt", "aten::le", "aten::ge", "aten::cumsum", "aten::arange", "aten::linspace",
     "aten::repeat_interleave", "aten::dropout", "aten::bernoulli_", "aten::masked_fill",
     "aten::scatter_add", "aten::one_hot", "aten::log", "aten::fill_", "aten::zero_", "aten::rand",
-    "aten::hardswish", "aten::hardswish_",
+    "aten::hardswish", "aten::hardswish_", "aten::ones_like",
 )
 
 

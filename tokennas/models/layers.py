@@ -1,4 +1,4 @@
-"""What the families share: an attention that can hand its map on, a pre-norm block, token pooling.
+"""What the families share: an attention that can hand its map on, a pre-norm block, token reductions.
 
 Parameter names follow timm's ``VisionTransformer`` (``attn.qkv``, ``attn.proj``, ``mlp.fc1``...) so
 that an identity schedule loads timm state dicts unchanged.
@@ -42,51 +42,70 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, shared_attn: torch.Tensor | None = None,
-                return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, shared_attn: torch.Tensor | None = None, return_attn: bool = False,
+                size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+        """Returns the output, the attention map (when materialised) and ``(q, k)`` (None when shared).
+
+        ``size`` (B, N, 1): how many patches each token stands for after merging; ToMe's proportional
+        attention adds log(size) of each key to the logits.
+        """
         B, N, C = x.shape
+        bias = None if size is None else size.log().reshape(B, 1, 1, N)  # (B, 1, 1, N), broadcast over queries
         if self.share_attn:
             if shared_attn is None:
                 raise RuntimeError("a sharing attention block was called without an attention map")
             v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
-            attn = shared_attn
+            attn, qk = shared_attn, None
             x = attn @ v
         else:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
+            qk = (q, k)
             drop = self.attn_drop if self.training else 0.0
             if return_attn:
-                attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, nh, N, N)
+                logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, nh, N, N)
+                attn = (logits if bias is None else logits + bias).softmax(dim=-1)
                 x = F.dropout(attn, drop, self.training) @ v
             else:
                 attn = None
-                x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))
-        return self.proj_drop(x), attn
+        return self.proj_drop(x), attn, qk
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, timm-compatible names; passes an attention map through."""
+    """Pre-norm transformer block, timm-compatible names; passes an attention map and token sizes through.
+
+    ``reduction``: a weightless token reduction (``TokenMerge``, ``TokenPrune``) run after the attention
+    residual and before the MLP, as ToMe and EViT place it; it sees the block's own queries and keys.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  share_attn: bool = False, drop_path: float = 0.0, proj_drop: float = 0.0,
                  attn_drop: float = 0.0, norm_layer: type[nn.Module] = LayerNorm,
-                 mlp_layer: type[nn.Module] = Mlp, act_layer: type[nn.Module] = nn.GELU) -> None:
+                 mlp_layer: type[nn.Module] = Mlp, act_layer: type[nn.Module] = nn.GELU,
+                 reduction: nn.Module | None = None) -> None:
         super().__init__()
+        if reduction is not None and share_attn:
+            raise ValueError("a block that shares attention has no queries and keys of its own to reduce with")
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, share_attn, attn_drop, proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.reduction = reduction
         self.norm2 = norm_layer(dim)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
                              drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, shared_attn: torch.Tensor | None = None,
-                return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, attn = self.attn(self.norm1(x), shared_attn, return_attn)
+    def forward(self, x: torch.Tensor, shared_attn: torch.Tensor | None = None, return_attn: bool = False,
+                size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the tokens, the attention map (when ``return_attn``) and the token sizes (None: all 1)."""
+        y, attn, qk = self.attn(self.norm1(x), shared_attn, return_attn, size)
         x = x + self.drop_path1(y)
+        if self.reduction is not None:
+            x, size = self.reduction(x, size, *qk)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x, attn
+        return x, attn, size
 
 
 def check_trunk(config) -> None:
@@ -150,6 +169,97 @@ class TokenPool(nn.Module):
         return x if self.pos_embed is None else x + self.pos_embed
 
 
+REDUCE_KINDS = ("merge", "prune")
+
+
+def _take(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, k) of ``tokens`` (B, n, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+class TokenMerge(nn.Module):
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023), reducing the patch tokens to ``keep``.
+
+    The metric is the block's keys averaged over heads, cosine-normalised. Patch tokens at even positions
+    form set A, odd positions set B; each A token's most similar B token is its partner, and the
+    r = n - keep A tokens with the most similar partners are merged into them (a size-weighted average;
+    ``size`` counts the patches a token stands for). Class tokens are never merged. Output: prefix tokens,
+    the unmerged A tokens in their order, then the B tokens. Weightless; its only MACs are the
+    similarity product, ceil(n/2) * floor(n/2) * head_dim.
+    """
+
+    def __init__(self, keep: int, num_prefix_tokens: int) -> None:
+        super().__init__()
+        self.keep = keep
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.num_prefix_tokens
+        B, N, C = x.shape
+        r = N - p - self.keep
+        if size is None:
+            size = torch.ones_like(x[..., :1])  # (B, N, 1)
+        metric = k.mean(dim=1)[:, p:]  # (B, n, hd)
+        metric = metric / metric.pow(2).sum(dim=-1, keepdim=True).sqrt()
+        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
+        best, partner = similarity.max(dim=-1)  # (B, |A|)
+        order = best.argsort(dim=-1, descending=True)
+        merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values
+        weighted = x[:, p:] * size[:, p:]  # sums of the patches' values; divided by the sizes at the end
+        a, b = weighted[:, ::2], weighted[:, 1::2]
+        size_a, size_b = size[:, p:][:, ::2], size[:, p:][:, 1::2]
+        target = partner.gather(1, merged)  # (B, r): the B token each merged A token joins
+        b = b.scatter_add(1, target.unsqueeze(-1).expand(-1, -1, C), _take(a, merged))
+        size_b = size_b.scatter_add(1, target.unsqueeze(-1), _take(size_a, merged))
+        size = torch.cat([size[:, :p], _take(size_a, kept), size_b], dim=1)
+        x = torch.cat([x[:, :p], _take(a, kept) / _take(size_a, kept), b / size_b], dim=1)
+        return x, size
+
+
+class TokenPrune(nn.Module):
+    """EViT's token reorganisation (Liang et al., ICLR 2022), reducing the patch tokens to ``keep``.
+
+    A patch token's score is the attention the class token pays it, averaged over heads (recomputed as
+    softmax(q_cls K^T / sqrt(hd)) over all tokens, so that the block can run fused attention). Without a
+    class token the query is the mean of the queries over the tokens. The ``keep - 1`` best-scored patch
+    tokens stay, in their order; the others are fused into one last token, their score-weighted average
+    ("inattentive token fusion"; the weights are normalised to sum to one). MACs: the scoring, N * dim,
+    and the fusing matmul, (n - keep + 1) * dim. Token sizes pass through unchanged.
+    """
+
+    def __init__(self, keep: int, num_prefix_tokens: int, scale: float) -> None:
+        super().__init__()
+        self.keep = keep
+        self.num_prefix_tokens = num_prefix_tokens
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = self.num_prefix_tokens
+        query = q[:, :, :1] if p else q.mean(dim=2, keepdim=True)  # (B, nh, 1, hd)
+        attn = ((query * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, nh, 1, N)
+        score = attn.mean(dim=1)[:, 0, p:]  # (B, n)
+        order = score.argsort(dim=-1, descending=True)
+        kept, fused = order[:, : self.keep - 1].sort(dim=-1).values, order[:, self.keep - 1 :]
+        tokens = x[:, p:]
+        weights = score.gather(1, fused)  # (B, n - keep + 1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        fused_token = weights.unsqueeze(1) @ _take(tokens, fused)  # (B, 1, C)
+        return torch.cat([x[:, :p], _take(tokens, kept), fused_token], dim=1), size
+
+
+def reduction_flops(kind: str, patch_tokens: int, keep: int, num_prefix_tokens: int, dim: int,
+                    num_heads: int) -> int:
+    """MACs of ``TokenMerge`` or ``TokenPrune`` reducing ``patch_tokens`` to ``keep`` (0 when nothing is removed)."""
+    n = patch_tokens
+    if keep >= n:
+        return 0
+    if kind == "merge":
+        return ((n + 1) // 2) * (n // 2) * (dim // num_heads)
+    return (n + num_prefix_tokens) * dim + (n - keep + 1) * dim
+
+
 def ln_flops(tokens: int, dim: int) -> int:
     """fvcore's LayerNorm count: 5 per element with an affine transform."""
     return 5 * tokens * dim
@@ -167,10 +277,14 @@ def attention_params(dim: int, qkv_bias: bool = True, share_attn: bool = False) 
     return (1 if share_attn else 3) * dim * (dim + int(qkv_bias)) + dim * dim + dim
 
 
-def block_flops(tokens: int, dim: int, mlp_ratio: float, share_attn: bool = False) -> int:
-    """MACs of one ``Block`` over ``tokens`` tokens: two norms, attention, MLP."""
+def block_flops(tokens: int, dim: int, mlp_ratio: float, share_attn: bool = False,
+                mlp_tokens: int | None = None) -> int:
+    """MACs of one ``Block``: norm and attention over ``tokens`` tokens, norm and MLP over ``mlp_tokens`` (default:
+    the same; fewer when the block reduces its tokens, whose own cost is ``reduction_flops``)."""
     hidden = int(dim * mlp_ratio)
-    return 2 * ln_flops(tokens, dim) + attention_flops(tokens, dim, share_attn) + 2 * tokens * dim * hidden
+    mlp_tokens = tokens if mlp_tokens is None else mlp_tokens
+    return (ln_flops(tokens, dim) + attention_flops(tokens, dim, share_attn) + ln_flops(mlp_tokens, dim)
+            + 2 * mlp_tokens * dim * hidden)
 
 
 def block_params(dim: int, mlp_ratio: float, qkv_bias: bool = True, share_attn: bool = False) -> int:

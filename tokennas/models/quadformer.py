@@ -142,7 +142,7 @@ class Quadformer(TimmModel, nn.Module):
         x = self.patch_embed(mosaic.pixels) + self.pos_embed(mosaic.centres, mosaic.levels)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
-            x, _ = block(x)
+            x = block(x)[0]
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """ScheduleViT: one isotropic ViT whose config fixes the token schedule block by block.
 
 It covers DeiT (no pooling, no sharing), HVT (Pan et al., ICCV 2021: 1D max pooling of the sequence,
-no class token, a fresh positional embedding per stage, average-pooled head) and PSViT (Chen et al.
+no class token, a fresh positional embedding per stage, average-pooled head), PSViT (Chen et al.
 2021, arXiv 2108.03428: spatial token pooling on the token grid plus attention sharing between
-neighbouring blocks). With an identity schedule it is state-dict compatible with timm's
-``VisionTransformer`` and gives the same logits.
+neighbouring blocks), and token reduction inside the blocks: merging (ToMe, Bolya et al. ICLR 2023)
+or pruning with fusion of the inattentive tokens (EViT, Liang et al. ICLR 2022). With an identity
+schedule it is state-dict compatible with timm's ``VisionTransformer`` and gives the same logits.
 """
 
 from __future__ import annotations
@@ -20,21 +21,25 @@ from torch import nn
 from ..config import ModelConfig, register_family, register_preset
 from .layers import (
     POOL_KINDS,
+    REDUCE_KINDS,
     Block,
     LayerNorm,
+    TokenMerge,
     TokenPool,
+    TokenPrune,
     block_flops,
     block_params,
     check_trunk,
     ln_flops,
     pooled_length,
+    reduction_flops,
 )
 from .pretrained import TimmModel
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScheduleViTConfig(ModelConfig):
-    """A ViT with a per-block token schedule (DeiT, HVT, PSViT)."""
+    """A ViT with a per-block token schedule (DeiT, HVT, PSViT, ToMe, EViT)."""
 
     family: ClassVar[str] = "schedule_vit"
     patch_size: int = 16
@@ -48,6 +53,10 @@ class ScheduleViTConfig(ModelConfig):
     pool_after: tuple[int, ...] = ()  # blocks after which the patch tokens are pooled
     stage_pos_embed: bool = False  # HVT: a fresh learned positional embedding after each pooling
     share_attn: tuple[int, ...] = ()  # blocks that reuse the attention map of the block before them
+    # Patch tokens (class token excluded) leaving each block; () keeps them all. Block b reduces inside itself,
+    # after attention and before the MLP, when its entry is lower than what enters it. Excludes `pool_after`.
+    keep_tokens: tuple[int, ...] = ()
+    reduce_kind: str = "merge"  # merge: ToMe's bipartite soft matching; prune: EViT's top-k with a fused token
     drop_path_rate: float = 0.0  # training regulariser; no effect on cost
 
     def validate(self) -> None:
@@ -66,11 +75,38 @@ class ScheduleViTConfig(ModelConfig):
         ):
             raise ValueError(f"`share_attn` must be increasing block indices in 1..{self.depth - 1}, "
                              f"got {list(self.share_attn)}")
+        self._validate_keep_tokens()
         tokens = self.tokens_per_block()["tokens"]  # raises if a pooling runs out of tokens
         for b in self.share_attn:
             if tokens[b] != tokens[b - 1]:
                 raise ValueError(f"`share_attn`: block {b} sees {tokens[b]} tokens but block {b - 1} sees "
                                  f"{tokens[b - 1]}; only blocks that see the same tokens can share attention")
+
+    def _validate_keep_tokens(self) -> None:
+        if self.reduce_kind not in REDUCE_KINDS:
+            raise ValueError(f"`reduce_kind` must be one of {', '.join(REDUCE_KINDS)}, got {self.reduce_kind!r}")
+        keep = self.keep_tokens
+        if not keep:
+            return
+        if len(keep) != self.depth:
+            raise ValueError(f"`keep_tokens` must have one entry per block (`depth` = {self.depth}), got {len(keep)}")
+        if self.pool_after:
+            raise ValueError("`keep_tokens` and `pool_after` cannot both be set: a schedule either pools between "
+                             "blocks or merges/prunes inside them")
+        n = self.grid**2
+        for b, k in enumerate(keep):
+            if k < 1:
+                raise ValueError(f"`keep_tokens`: block {b} keeps {k} patch tokens; every block keeps at least 1")
+            if k > n:
+                raise ValueError(f"`keep_tokens`: block {b} keeps {k} of {n} patch tokens; the schedule must be "
+                                 f"non-increasing and within the {self.grid**2} patch tokens, got {list(keep)}")
+            if k < n and b in self.share_attn:
+                raise ValueError(f"`keep_tokens`: block {b} reduces {n} to {k} patch tokens but is in `share_attn`; "
+                                 "a block that reuses the previous map has no queries and keys of its own")
+            if self.reduce_kind == "merge" and n - k > (n + 1) // 2:
+                raise ValueError(f"`keep_tokens`: block {b} keeps {k} of {n} patch tokens, but merging removes at "
+                                 f"most {(n + 1) // 2} per block (bipartite matching)")
+            n = k
 
     @property
     def grid(self) -> int:
@@ -82,6 +118,8 @@ class ScheduleViTConfig(ModelConfig):
         out = []
         for b in range(self.depth):
             out.append((n, grid))
+            if self.keep_tokens:
+                n, grid = self.keep_tokens[b], (0, 0)  # merged or pruned tokens no longer form a grid
             if b in self.pool_after:
                 min_tokens = 3 if self.pool_kind == "max1d" else 2
                 if n < min_tokens:
@@ -99,11 +137,13 @@ class ScheduleViTConfig(ModelConfig):
         flops = {"patch_embed": self.grid**2 * D * self.in_chans * self.patch_size**2}
         schedule = self._schedule()
         for b, (n, _) in enumerate(schedule):
-            flops[f"blocks.{b}"] = block_flops(n + prefix, D, self.mlp_ratio, b in self.share_attn)
+            keep = self.keep_tokens[b] if self.keep_tokens else n
+            flops[f"blocks.{b}"] = (block_flops(n + prefix, D, self.mlp_ratio, b in self.share_attn, keep + prefix)
+                                    + reduction_flops(self.reduce_kind, n, keep, prefix, D, self.num_heads))
             if b in self.pool_after:
                 pooled = schedule[b + 1][0]
                 flops[f"token_pools.{b}"] = pooled * D * 9 if self.pool_kind == "conv2d" else 0
-        flops["norm"] = ln_flops(schedule[-1][0] + prefix, D)
+        flops["norm"] = ln_flops((self.keep_tokens or (schedule[-1][0],))[-1] + prefix, D)
         flops["head"] = D * self.num_classes
         return flops
 
@@ -120,7 +160,8 @@ class ScheduleViTConfig(ModelConfig):
 
 
 class ScheduleViT(TimmModel, nn.Module):
-    """Isotropic ViT; the token schedule (pooling, attention sharing) lives in ``forward_features``."""
+    """Isotropic ViT; the token schedule (pooling, merging/pruning, attention sharing) lives in ``forward_features``
+    (merging and pruning run inside the blocks, as weightless ``Block.reduction`` modules)."""
 
     def __init__(self, config: ScheduleViTConfig, norm_layer: type[nn.Module] | None = None) -> None:
         super().__init__()
@@ -133,12 +174,12 @@ class ScheduleViT(TimmModel, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if c.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, c.grid**2 + self.num_prefix_tokens, D))
         drop_path = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()  # also under a meta device
+        schedule = c._schedule()
         self.blocks = nn.ModuleList(
             Block(D, c.num_heads, c.mlp_ratio, c.qkv_bias, share_attn=b in c.share_attn, drop_path=drop_path[b],
-                  norm_layer=norm_layer)
+                  norm_layer=norm_layer, reduction=self._reduction(b, schedule[b][0]))
             for b in range(c.depth)
         )
-        schedule = c._schedule()
         self.token_pools = nn.ModuleDict({
             str(b): TokenPool(c.pool_kind, D, self.num_prefix_tokens, schedule[b][1],
                               pos_tokens=(schedule[b + 1][0] + self.num_prefix_tokens) if c.stage_pos_embed else 0)
@@ -158,14 +199,23 @@ class ScheduleViT(TimmModel, nn.Module):
                 init_weights_vit_timm(module)
         self.init_pretrained_cfg()
 
+    def _reduction(self, b: int, patch_tokens: int) -> nn.Module | None:
+        c = self.config
+        keep = c.keep_tokens[b] if c.keep_tokens else patch_tokens
+        if keep >= patch_tokens:
+            return None
+        if c.reduce_kind == "merge":
+            return TokenMerge(keep, self.num_prefix_tokens)
+        return TokenPrune(keep, self.num_prefix_tokens, (c.embed_dim // c.num_heads) ** -0.5)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed
-        attn = None
+        attn = size = None  # size: patches per token once merging has begun (B, N, 1)
         for b, block in enumerate(self.blocks):
-            x, attn = block(x, attn, return_attn=self.hands_on_attn[b])
+            x, attn, size = block(x, attn, self.hands_on_attn[b], size)
             if str(b) in self.token_pools:
                 x = self.token_pools[str(b)](x)
         return self.norm(x)
@@ -204,5 +254,14 @@ for _name, _args, _doc in [
     ("psvit_conv_small", {**_SMALL, "pool_kind": "conv2d", "pool_after": (3, 7), "share_attn": (1, 3, 5, 7, 9, 11)},
      "PSViT-style small with a learned strided depthwise-conv pooling and sharing in every second block of each "
      "stage; mechanism only, no published figure claimed."),
+    ("deit_tiny_tome", {**_TINY, "reduce_kind": "merge", "keep_tokens": tuple(196 - 8 * (b + 1) for b in range(12))},
+     "ToMe-style DeiT-Ti (Bolya et al. 2023): DeiT-Ti weights unchanged, bipartite soft matching merges r=8 patch "
+     "tokens in every block (196 -> 100), proportional attention; 5.72M params, 0.93G MACs by our count (DeiT-Ti: "
+     "1.26G). Mechanism and schedule only; no published figure claimed."),
+    ("deit_tiny_evit", {**_TINY, "reduce_kind": "prune",
+                        "keep_tokens": (196,) * 3 + (137,) * 3 + (96,) * 3 + (67,) * 3},
+     "EViT-style DeiT-Ti (Liang et al. 2022): keep rate 0.7 in blocks 3, 6 and 9 (0-based; 196 -> 137 -> 96 -> 67 "
+     "patch tokens, the last one the fused inattentive tokens); 5.72M params, 0.81G MACs by our count. The same "
+     "schedule at DeiT-S width counts 2.99G, the 3.0G EViT prints for DeiT-S at keep rate 0.7."),
 ]:
     register_preset(_name, ScheduleViTConfig(**_args), _doc)
