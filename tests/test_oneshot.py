@@ -146,3 +146,42 @@ def main_ok(argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 0
+
+
+def test_tokens_search_on_a_tokennas_train_parent(tmp_path):
+    """`tokennas train` writes a uniform ViT; its classifier fits the data, so it is the supernet as it is: no
+    supernet training, the tokens space's trunk is the parent's, candidates are merge/prune/pool schedules."""
+    (tmp_path / "vit.yaml").write_text("family: schedule_vit\nimg_size: 32\nin_chans: 1\nnum_classes: 10\n"
+                                       "patch_size: 4\nembed_dim: 64\ndepth: 4\nnum_heads: 2\n")
+    main_ok(["train", str(tmp_path / "vit.yaml"), "--epochs", "1", "--train-subset", "200", "--out",
+             str(tmp_path / "parent")])
+    run_dir = tmp_path / "run"
+    main_ok(["search", "--space", "tokens", "--strategy", "oneshot", "--flops", "12M", "--trials", "10", "--parent",
+             str(tmp_path / "parent" / "checkpoint.pt"), "--train-subset", "300", "--score-images", "200",
+             "--retrain-top", "1", "--retrain-epochs", "1", "--retrain-seeds", "1", "--quiet", "--out", str(run_dir)])
+    frame = pd.read_csv(run_dir / "trials.csv")
+    scored = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    assert len(scored) == 10 and (scored["scored"] == "shared weights").all() and (scored["flops"] <= 12e6).all()
+    assert set(scored["param_embed_dim"]) == {64} and set(scored["param_depth"]) == {4}  # the parent's trunk
+    assert "--parent" in (run_dir / "summary.md").read_text() and "as it is" in (run_dir / "summary.md").read_text()
+    runs = pd.read_csv(run_dir / "retrain.csv")
+    assert (runs["state"] == "COMPLETE").all() and len(runs) == 2
+
+
+@pytest.mark.slow  # about a minute: 224px on the CPU
+def test_tokens_search_on_a_timm_deit_tiny_state_dict_at_224px(tmp_path):
+    """A saved timm deit_tiny_patch16_224 state dict: grey 10-class data, so timm's adapters sum the input conv and
+    the 1000-class head is dropped; the supernet then trains one epoch from the parent inside the run."""
+    torch.save(timm.create_model("deit_tiny_patch16_224").state_dict(), tmp_path / "deit.pth")
+    run_dir = tmp_path / "run"
+    main_ok(["search", "--space", "tokens", "--strategy", "oneshot", "--flops", "800M", "--img-size", "224",
+             "--parent", str(tmp_path / "deit.pth"), "--trials", "4", "--train-subset", "32", "--batch-size", "16",
+             "--score-images", "16", "--supernet-epochs", "1", "--retrain-top", "1", "--retrain-epochs", "1",
+             "--retrain-seeds", "1", "--quiet", "--out", str(run_dir)])
+    frame = pd.read_csv(run_dir / "trials.csv")
+    scored = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    assert len(scored) == 4 and (scored["flops"] <= 800e6).all()
+    assert set(scored["param_embed_dim"]) == {192} and set(scored["param_depth"]) == {12}
+    net = Supernet.load(run_dir / "supernet.pt")
+    assert (net.config.img_size, net.config.embed_dim, net.config.in_chans) == (224, 192, 1)
+    assert "trained 1 epochs in this run (sandwich rule) from --parent" in (run_dir / "summary.md").read_text()
