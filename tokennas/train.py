@@ -71,6 +71,16 @@ def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
     return {"acc": correct.item() / max(seen, 1), "loss": loss.item() / max(seen, 1)}
 
 
+def training_batches(data: DataBundle, settings: TrainSettings, img_size: int, device: torch.device) -> Batches:
+    """Shuffled, augmented training batches; at least one, or a ``ValueError``."""
+    train = Batches(data.train, settings.batch_size, img_size, device, shuffle=True, seed=settings.seed,
+                    stats=data.stats, augment=settings.augment != "none", num_workers=settings.workers)
+    if len(train) == 0:
+        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
+                         f"{settings.batch_size}")
+    return train
+
+
 def recipe(model: torch.nn.Module, settings: TrainSettings, updates_per_epoch: int):
     """The optimizer (timm's AdamW, learning rate scaled with the batch), the cosine schedule with warm-up
     stepped per update, and the loss: what every training in tokennas uses."""
@@ -92,13 +102,9 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     device = settings.resolved_device()
     torch.manual_seed(settings.seed)
     model = build_model(config).to(device)
-    train = Batches(data.train, settings.batch_size, config.img_size, device, shuffle=True, seed=settings.seed,
-                    stats=data.stats, augment=settings.augment != "none", num_workers=settings.workers)
+    train = training_batches(data, settings, config.img_size, device)
     val = Batches(data.val, 2 * settings.batch_size, config.img_size, device, shuffle=False, stats=data.stats,
                   num_workers=settings.workers)
-    if len(train) == 0:
-        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
-                         f"{settings.batch_size}")
     if init is not None:
         model.load_state_dict(init)
     optimizer, scheduler, criterion = recipe(model, settings, len(train))

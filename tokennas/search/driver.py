@@ -287,14 +287,14 @@ def _log_to(path: Path) -> None:
         logger.handlers, logger.propagate = [log], False
 
 
-def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
-    """Ray Tune function trainable: one run, one report and checkpoint per epoch, resumable from Ray's
-    checkpoint (a retried trial) or from the last checkpoint of the interrupted trial it replaces."""
+def run_trial(params: dict[str, Any], train) -> None:
+    """The body of every tokennas Ray Tune function trainable. ``train(resume, on_epoch, on_progress)`` trains;
+    ``resume`` is the state of Ray's last checkpoint (a retried trial) or of the interrupted trial this one
+    replaces (``params["resume_from"]``); ``on_epoch(metrics, state)`` reports and checkpoints once per epoch;
+    ``on_progress(fraction)`` reports progress inside an epoch."""
     import torch
     from ray import tune
 
-    from ..config import config_from_dict
-    from ..train import fit
     from .searcher import error_line
 
     torch.set_num_threads(max(1, int(params["cpus"])))
@@ -317,6 +317,23 @@ def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
                 tune.report({**metrics, "node": node, "resumed_from_epoch": resume["epoch"] if resume else None},
                             checkpoint=tune.Checkpoint.from_directory(folder))
 
+        def on_progress(fraction: float) -> None:
+            tune.report({**last, "epoch_progress": fraction, "node": node})  # Ray wants val_acc in every result
+
+        train(resume, on_epoch, on_progress)
+    except Exception as err:  # noqa: BLE001
+        # The candidate's own failure (a non-finite loss, a bad config) is reported as its last result, not
+        # raised: Ray's FailureConfig would retry a raised error, and only a lost node deserves a retry.
+        tune.report({**last, "node": node, "error": error_line(err), "traceback": traceback.format_exc()})
+
+
+def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
+    """Ray Tune function trainable: one candidate trained (or, with ``init``, fine-tuned from a supernet's
+    weights), one report and checkpoint per epoch, resumable (``run_trial``)."""
+    from ..config import config_from_dict
+    from ..train import fit
+
+    def train(resume, on_epoch, on_progress) -> None:
         settings = TrainSettings(**{**params["train"], "epochs": params["epochs"],
                                     "seed": params.get("seed", params["train"]["seed"])})
         config = config_from_dict(params["config"])
@@ -326,10 +343,8 @@ def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
 
             init = Supernet.load(params["init"]).child_state_dict(config)
         fit(config, data, settings, on_epoch, resume, init)
-    except Exception as err:  # noqa: BLE001
-        # The candidate's own failure (a non-finite loss, a bad config) is reported as its last result, not
-        # raised: Ray's FailureConfig would retry a raised error, and only a lost node deserves a retry.
-        tune.report({**last, "node": node, "error": error_line(err), "traceback": traceback.format_exc()})
+
+    run_trial(params, train)
 
 
 def _tune(settings: SearchSettings, prepared: Prepared, study, run_dir: Path, stage: str, jobs: list[dict[str, Any]],

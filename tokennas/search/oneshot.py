@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import random
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,7 @@ import torch
 from ..config import config_from_dict
 from ..data import Batches, DataBundle, TensorSplit
 from ..models.supernet import Supernet, build_supernet, load_parent
-from ..train import TrainSettings, check_compatible, check_finite, evaluate, recipe
-from . import cluster
+from ..train import TrainSettings, check_compatible, check_finite, evaluate, recipe, training_batches
 from . import study as S
 
 DEFAULT_SUPERNET_EPOCHS = 6
@@ -76,11 +73,7 @@ def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: Train
     device = settings.resolved_device()
     torch.manual_seed(settings.seed)
     net = net.to(device)
-    train = Batches(data.train, settings.batch_size, net.config.img_size, device, shuffle=True, seed=settings.seed,
-                    stats=data.stats, augment=settings.augment != "none", num_workers=settings.workers)
-    if len(train) == 0:
-        raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
-                         f"{settings.batch_size}")
+    train = training_batches(data, settings, net.config.img_size, device)
     val = scoring_batches(data, score_images, net.config.img_size, device, settings.workers)
     optimizer, scheduler, criterion = recipe(net, settings, len(train))
     flops = [count_flops(c) for c in configs]
@@ -132,43 +125,21 @@ class _Child(torch.nn.Module):
 
 
 def train_supernet(params: dict[str, Any], data: DataBundle, pool: list[dict[str, Any]]) -> None:
-    """Ray Tune function trainable for the supernet: one report and checkpoint per epoch, resumable."""
-    from ray import tune
+    """Ray Tune function trainable for the supernet: one report and checkpoint per epoch, progress reports inside
+    an epoch, resumable (``driver.run_trial``)."""
+    from .driver import run_trial
 
-    from .searcher import error_line
-
-    torch.set_num_threads(max(1, int(params["cpus"])))
-    node = cluster.node_name()
-    last = {"epoch": 0, "val_acc": 0.0}
-    try:
-        resume = None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None and params.get("resume_from"):
-            checkpoint = tune.Checkpoint(params["resume_from"])
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-            last["epoch"] = int(resume["epoch"])
+    def train(resume, on_epoch, on_progress) -> None:
         configs = [config_from_dict(c) for c in pool]
         trunk = config_from_dict(params["config"])
         parent = load_parent(params["parent"], trunk.img_size, trunk.in_chans, trunk.num_classes) \
             if params.get("parent") else None
         net = build_supernet(configs, parent)
         check_compatible(net.config, data)
-
-        def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
-            last.update(epoch=metrics["epoch"], val_acc=metrics["val_acc"])
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(state, Path(folder) / "state.pt")
-                tune.report({**metrics, "node": node}, checkpoint=tune.Checkpoint.from_directory(folder))
-
-        def on_step(progress: float) -> None:
-            tune.report({**last, "epoch_progress": progress, "node": node})  # Ray wants val_acc in every result
-
         settings = TrainSettings(**{**params["train"], "epochs": params["epochs"]})
-        fit_supernet(net, configs, data, settings, params["score_images"], on_epoch, resume, on_step)
-    except Exception as err:  # noqa: BLE001  (reported, not raised: see driver.train_candidate)
-        tune.report({**last, "node": node, "error": error_line(err), "traceback": traceback.format_exc()})
+        fit_supernet(net, configs, data, settings, params["score_images"], on_epoch, resume, on_progress)
+
+    run_trial(params, train)
 
 
 # -- the strategy, called by the driver --
