@@ -185,3 +185,15 @@ def test_tokens_search_on_a_timm_deit_tiny_state_dict_at_224px(tmp_path):
     net = Supernet.load(run_dir / "supernet.pt")
     assert (net.config.img_size, net.config.embed_dim, net.config.in_chans) == (224, 192, 1)
     assert "trained 1 epochs in this run (sandwich rule) from --parent" in (run_dir / "summary.md").read_text()
+
+
+def test_oneshot_hvt_search(tmp_path):
+    """HVT's candidates share weights too: per-stage positional embeddings, class token or average head."""
+    run_dir = tmp_path / "run"
+    main_ok(["search", "--space", "hvt", "--flops", "30M", "--trials", "8", *ONESHOT, "--retrain-top", "0",
+             "--out", str(run_dir)])
+    frame = pd.read_csv(run_dir / "trials.csv")
+    scored = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    assert len(scored) == 8 and (scored["scored"] == "shared weights").all() and (scored["flops"] <= 30e6).all()
+    net = Supernet.load(run_dir / "supernet.pt")
+    assert len(net.stage_pos) >= 1  # HVT's per-stage positional embeddings are held by the supernet
