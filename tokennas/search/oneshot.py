@@ -30,6 +30,10 @@ from . import study as S
 
 DEFAULT_SUPERNET_EPOCHS = 6
 SANDWICH_RANDOM = 2  # random candidates per step, beside the largest and the smallest
+# Scoring costs about a second, so a sampler stuck on repeats (TPE converging on a region whose parameters build a
+# few configs) costs more than the scoring: after this many repeated or over-budget proposals in a row, an untried
+# feasible candidate is scored (the standalone search waits 20, each of its candidates costing minutes).
+STALL = 4
 
 
 def supernet_epochs(settings, head_kept: bool) -> int:
@@ -220,7 +224,7 @@ def _score(settings, prepared, study, run_dir: Path, deadline, progress: bool) -
         job["epochs_planned"] = 0  # scored, not trained
     searcher = BudgetSearcher(study, prepared.space, prepared.inputs, settings.budget, 0, trials=settings.trials,
                               max_failures=settings.max_failures, feasible=prepared.feasible, jobs=jobs,
-                              seed=settings.seed + len(study.trials))
+                              seed=settings.seed + len(study.trials), stall=STALL)
     todo = max(0, settings.trials - _trained(study))
     columns = [TextColumn("scoring on shared weights"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[note]}")]
