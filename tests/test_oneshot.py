@@ -148,6 +148,7 @@ def main_ok(argv):
     assert exit_.value.code == 0
 
 
+@pytest.mark.slow  # about a minute: train a parent, then search on it
 def test_tokens_search_on_a_tokennas_train_parent(tmp_path):
     """`tokennas train` writes a uniform ViT; its classifier fits the data, so it is the supernet as it is: no
     supernet training, the tokens space's trunk is the parent's, candidates are merge/prune/pool schedules."""
@@ -187,6 +188,7 @@ def test_tokens_search_on_a_timm_deit_tiny_state_dict_at_224px(tmp_path):
     assert "trained 1 epochs in this run (sandwich rule) from --parent" in (run_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow  # about 50 s
 def test_oneshot_hvt_search(tmp_path):
     """HVT's candidates share weights too: per-stage positional embeddings, class token or average head."""
     run_dir = tmp_path / "run"

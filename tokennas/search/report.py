@@ -242,8 +242,9 @@ def plot_pareto(frame: pd.DataFrame, budget: int, path: Path, ranking: pd.DataFr
         ax.scatter(front["flops"], front["val_acc"], color="tab:orange", zorder=3)
     base = baseline[baseline["val_acc"].notna()]
     if len(base):
+        shared = "scored" in base and (base["scored"] == "shared weights").all()
         ax.scatter(base["flops"], base["val_acc"], marker="*", s=160, color="tab:green", zorder=4,
-                   label="uniform baseline (search fidelity)")
+                   label="uniform baseline (" + ("on shared weights" if shared else "search fidelity") + ")")
     again = ranking[ranking["retrained"]] if ranking is not None and len(ranking) else None
     if again is not None and len(again):
         for role, color, label in (("candidate", "tab:purple", "re-ranked: mean ± sd"),
