@@ -110,7 +110,8 @@ def fidelity(args) -> None:
             torch.manual_seed(seed)
             net = build_supernet(configs)
             started = time.perf_counter()
-            fit_supernet(net, configs, data, TrainSettings(epochs=epochs, seed=seed, device="cpu"), len(data.val))
+            fit_supernet(net, configs, data, TrainSettings(epochs=epochs, seed=seed, device="cpu"), len(data.val),
+                         distill=args.distill)
             train_s = time.perf_counter() - started
             started = time.perf_counter()
             shared = _score_all(net, configs, val)
@@ -136,9 +137,9 @@ def fidelity(args) -> None:
                          "supernet training s": train_s, "scoring s": score_s})
             print(pd.DataFrame(rows[-1:]).to_markdown(index=False, floatfmt=".3f"), flush=True)
     frame = pd.DataFrame(scores)
-    frame.to_csv(HERE / "oneshot_scores.csv", index=False)
+    frame.to_csv(args.out, index=False)
     print("\n## All runs\n" + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
-    _plot_fidelity(frame, HERE / "oneshot_fidelity.png")
+    _plot_fidelity(frame, args.plot)
 
 
 def _plot_fidelity(frame: pd.DataFrame, path: Path) -> None:
@@ -327,6 +328,9 @@ def main() -> None:
     p.add_argument("--supernet-epochs", type=int, nargs="+", default=[4, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--replays", type=int, default=200)
+    p.add_argument("--distill", action="store_true", help="BigNAS in-place distillation in the supernet")
+    p.add_argument("--out", type=Path, default=HERE / "oneshot_scores.csv")
+    p.add_argument("--plot", type=Path, default=HERE / "oneshot_fidelity.png")
     p = sub.add_parser("schedules")
     p.add_argument("--parent", type=Path, required=True)
     p.add_argument("--train-subset", type=int, default=6000, help="the parent's training subset (its val split)")

@@ -69,9 +69,11 @@ def sandwich(configs: list, flops: list[int], rng: random.Random) -> list:
 
 
 def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: TrainSettings, score_images: int,
-                 on_epoch=None, resume: dict[str, Any] | None = None, on_step=None) -> dict[str, Any]:
+                 on_epoch=None, resume: dict[str, Any] | None = None, on_step=None,
+                 distill: bool = False) -> dict[str, Any]:
     """Train the supernet with the sandwich rule; ``on_epoch(metrics, state)`` after each epoch (the accuracy of
-    the largest and the smallest candidate on the scoring images), ``on_step(fraction of the run)``."""
+    the largest and the smallest candidate on the scoring images), ``on_step(fraction of the run)``; ``distill``:
+    the smaller candidates learn the largest's predictions (BigNAS's in-place distillation) instead of the labels."""
     from ..flops import count_flops
 
     device = settings.resolved_device()
@@ -96,9 +98,18 @@ def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: Train
         started, total = time.perf_counter(), torch.zeros((), device=device)
         for step, (images, labels) in enumerate(train, start=1):
             optimizer.zero_grad(set_to_none=True)
+            teacher = None
             for config in sandwich(configs, flops, rng):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = criterion(net(images, config), labels) / (2 + SANDWICH_RANDOM)
+                    logits = net(images, config)
+                    if teacher is None or not distill:
+                        loss = criterion(logits, labels)
+                    else:  # BigNAS's in-place distillation: the others learn the largest's soft labels
+                        loss = torch.nn.functional.kl_div(logits.float().log_softmax(-1), teacher,
+                                                          reduction="batchmean")
+                    loss = loss / (2 + SANDWICH_RANDOM)
+                if teacher is None:
+                    teacher = logits.detach().float().softmax(-1)
                 check_finite(loss.detach()[None], epoch + 1, step)
                 loss.backward()
                 total += loss.detach()
