@@ -72,12 +72,9 @@ def random_target(table_path: Path, replays: int) -> tuple[float, int]:
 
 
 def _score_all(net, configs, batches) -> list[float]:
-    from tokennas.search.oneshot import _Child
-    from tokennas.train import evaluate
+    from tokennas.search.oneshot import score
 
-    net.eval()
-    with torch.no_grad():
-        return [evaluate(_Child(net, c), batches)["acc"] for c in configs]
+    return [score(net, c, batches) for c in configs]
 
 
 def fidelity(args) -> None:

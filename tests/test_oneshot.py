@@ -92,8 +92,9 @@ def test_supernet_save_and_load_round_trip(tmp_path):
     (("--space", "psvit", "--flops", "30M", "--parent", "x.pt"), "--parent needs --strategy oneshot"),
     (("--space", "crossvit", "--flops", "30M", "--strategy", "oneshot"), "invalid --space 'crossvit'"),
     (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--parent", "missing.pt"), "no such file"),
-    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--strategy", "magic"), "--strategy"),
-    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--score-images", "0"), "--score-images"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "magic"), "invalid --strategy 'magic'"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--score-images", "0"),
+     "invalid --score-images 0"),
 ])
 def test_bad_oneshot_input_exits_2_and_writes_nothing(tmp_path, args, needle, capsys):
     run_dir = tmp_path / "run"
@@ -199,3 +200,20 @@ def test_oneshot_hvt_search(tmp_path):
     assert len(scored) == 8 and (scored["scored"] == "shared weights").all() and (scored["flops"] <= 30e6).all()
     net = Supernet.load(run_dir / "supernet.pt")
     assert len(net.stage_pos) >= 1  # HVT's per-stage positional embeddings are held by the supernet
+
+
+def test_a_candidate_whose_logits_are_not_finite_is_a_failure_not_an_accuracy():
+    from tokennas.data import TensorSplit
+    from tokennas.search.oneshot import score, scoring_batches
+    from tokennas.train import NonFiniteLoss
+
+    configs = feasible("psvit")
+    net = build_supernet(configs)
+    data = type("Data", (), {"val": TensorSplit(torch.randint(0, 255, (8, 1, 32, 32), dtype=torch.uint8),
+                                                torch.arange(8) % 10), "stats": (0.5, 0.25)})()
+    batches = scoring_batches(data, 8, 32, torch.device("cpu"))
+    assert 0.0 <= score(net, configs[0], batches) <= 1.0
+    with torch.no_grad():
+        net.head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="validation loss is nan"):
+        score(net, configs[0], batches)

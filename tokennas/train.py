@@ -81,6 +81,22 @@ def training_batches(data: DataBundle, settings: TrainSettings, img_size: int, d
     return train
 
 
+def restore(resume: dict[str, Any] | None, model: torch.nn.Module, optimizer, train: Batches,
+            seed: int) -> tuple[int, int]:
+    """Load a checkpoint ``state`` (``fit``'s, or a supernet's) into the model and optimizer and move the data order
+    to its epoch; returns (epochs done, updates done), (0, 0) without one."""
+    if resume is None:
+        return 0, 0
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    train.generator.manual_seed(seed + resume["epoch"])
+    return resume["epoch"], resume["updates"]
+
+
+# Losses between two divergence checks: every step on the CPU (no sync cost), every 16 on a GPU (each check syncs).
+CHECK_EVERY = {False: 1, True: 16}
+
+
 def recipe(model: torch.nn.Module, settings: TrainSettings, updates_per_epoch: int):
     """The optimizer (timm's AdamW, learning rate scaled with the batch), the cosine schedule with warm-up
     stepped per update, and the loss: what every training in tokennas uses."""
@@ -108,22 +124,17 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     if init is not None:
         model.load_state_dict(init)
     optimizer, scheduler, criterion = recipe(model, settings, len(train))
-    start_epoch, updates = 0, 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start_epoch, updates = resume["epoch"], resume["updates"]
-        train.generator.manual_seed(settings.seed + start_epoch)
+    start_epoch, updates = restore(resume, model, optimizer, train, settings.seed)
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, settings.epochs):
         model.train()
         started, total_loss = time.perf_counter(), torch.zeros((), device=device)
-        window = []  # recent losses, checked for divergence every few steps (every step on the CPU: no sync cost)
+        window = []  # recent losses, checked for divergence every few steps (CHECK_EVERY)
         for step, (images, labels) in enumerate(train, start=1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = criterion(model(images), labels)
             window.append(loss.detach())
-            if len(window) == (1 if device.type == "cpu" else 16) or step == len(train):
+            if len(window) >= CHECK_EVERY[device.type == "cuda"] or step == len(train):
                 check_finite(torch.stack(window), epoch + 1, step - len(window) + 1)
                 window.clear()
             optimizer.zero_grad(set_to_none=True)

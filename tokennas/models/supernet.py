@@ -118,9 +118,9 @@ class Supernet(ScheduleViT):
             self._children.move_to_end(key)
         return child
 
-    def child_weights(self, config: ScheduleViTConfig) -> dict[str, torch.Tensor]:
+    def child_weights(self, config: ScheduleViTConfig, child: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The child's parameters, by its own names, as slices of the parent's (gradients flow back)."""
-        child = self._child(config)
+        child = child if child is not None else self._child(config)
         own = dict(self.named_parameters())
         D = self.config.embed_dim
         stage = {b: k for k, b in enumerate(config.pool_after)}
@@ -155,7 +155,7 @@ class Supernet(ScheduleViT):
             return super().forward(x)
         child = self._child(config)
         child.train(self.training)
-        return functional_call(child, self.child_weights(config), (x,))
+        return functional_call(child, self.child_weights(config, child), (x,))
 
     def child_state_dict(self, config: ScheduleViTConfig) -> dict[str, torch.Tensor]:
         """Stand-alone weights for ``config`` (contiguous copies): ``build_model(config).load_state_dict``."""

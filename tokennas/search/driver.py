@@ -239,8 +239,7 @@ def retrain_seeds(settings: SearchSettings) -> list[int]:
     return [settings.seed + 1 + i for i in range(settings.retrain_seeds)]
 
 
-def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared,
-                 run_dir: Path | str = ".") -> list[dict[str, Any]]:
+def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared, run_dir: Path) -> list[dict[str, Any]]:
     """The top candidates of the search and the baseline, for each re-ranking seed, that have not run yet."""
     if settings.retrain_top == 0:
         return []
@@ -261,7 +260,7 @@ def retrain_jobs(settings: SearchSettings, study, runs, prepared: Prepared,
         from .oneshot import supernet_path
 
         for job in jobs:
-            job["init"] = str(supernet_path(Path(run_dir)).resolve())
+            job["init"] = str(supernet_path(run_dir).resolve())
     return jobs
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -25,7 +26,17 @@ import torch
 from ..config import config_from_dict
 from ..data import Batches, DataBundle, TensorSplit
 from ..models.supernet import Supernet, build_supernet, load_parent
-from ..train import TrainSettings, check_compatible, check_finite, evaluate, recipe, training_batches
+from ..train import (
+    CHECK_EVERY,
+    NonFiniteLoss,
+    TrainSettings,
+    check_compatible,
+    check_finite,
+    evaluate,
+    recipe,
+    restore,
+    training_batches,
+)
 from . import study as S
 
 DEFAULT_SUPERNET_EPOCHS = 6
@@ -62,10 +73,21 @@ def check(settings, prepared) -> None:
 
 
 # -- the supernet's training, as a Ray Tune function trainable --
-def sandwich(configs: list, flops: list[int], rng: random.Random) -> list:
-    largest, smallest = configs[max(range(len(configs)), key=flops.__getitem__)], \
-        configs[min(range(len(configs)), key=flops.__getitem__)]
-    return [largest, smallest, *rng.sample(configs, min(SANDWICH_RANDOM, len(configs)))]
+def ends(configs: list) -> list:
+    """The largest and the smallest candidate by MACs: the fixed part of every step's sandwich."""
+    from ..flops import count_flops
+
+    flops = [count_flops(c) for c in configs]
+    return [configs[flops.index(max(flops))], configs[flops.index(min(flops))]]
+
+
+def score(net: Supernet, config, batches: Batches) -> float:
+    """Validation accuracy of ``config`` on the supernet's weights (materialised once, not sliced per batch); a
+    non-finite loss is a failure, never an accuracy."""
+    result = evaluate(net.child_model(config).to(batches.device), batches)
+    if not math.isfinite(result["loss"]):
+        raise NonFiniteLoss(f"validation loss is {result['loss']} on the supernet's weights")
+    return result["acc"]
 
 
 def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: TrainSettings, score_images: int,
@@ -74,32 +96,25 @@ def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: Train
     """Train the supernet with the sandwich rule; ``on_epoch(metrics, state)`` after each epoch (the accuracy of
     the largest and the smallest candidate on the scoring images), ``on_step(fraction of the run)``; ``distill``:
     the smaller candidates learn the largest's predictions (BigNAS's in-place distillation) instead of the labels."""
-    from ..flops import count_flops
-
     device = settings.resolved_device()
     torch.manual_seed(settings.seed)
     net = net.to(device)
     train = training_batches(data, settings, net.config.img_size, device)
     val = scoring_batches(data, score_images, net.config.img_size, device, settings.workers)
     optimizer, scheduler, criterion = recipe(net, settings, len(train))
-    flops = [count_flops(c) for c in configs]
-    rng = random.Random(settings.seed)
-    start_epoch, updates = 0, 0
-    if resume is not None:
-        net.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start_epoch, updates = resume["epoch"], resume["updates"]
-        train.generator.manual_seed(settings.seed + start_epoch)
-        rng.seed(settings.seed + start_epoch)
-    ends = sandwich(configs, flops, rng)[:2]
+    start_epoch, updates = restore(resume, net, optimizer, train, settings.seed)
+    rng = random.Random(settings.seed + start_epoch)
+    fixed = ends(configs)
+    drawn = min(SANDWICH_RANDOM, len(configs))
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, settings.epochs):
         net.train()
         started, total = time.perf_counter(), torch.zeros((), device=device)
+        window = []  # the sandwich's losses since the last divergence check
         for step, (images, labels) in enumerate(train, start=1):
             optimizer.zero_grad(set_to_none=True)
             teacher = None
-            for config in sandwich(configs, flops, rng):
+            for config in fixed + rng.sample(configs, drawn):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = net(images, config)
                     if teacher is None or not distill:
@@ -107,36 +122,28 @@ def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: Train
                     else:  # BigNAS's in-place distillation: the others learn the largest's soft labels
                         loss = torch.nn.functional.kl_div(logits.float().log_softmax(-1), teacher,
                                                           reduction="batchmean")
-                    loss = loss / (2 + SANDWICH_RANDOM)
+                    loss = loss / (2 + drawn)
                 if teacher is None:
                     teacher = logits.detach().float().softmax(-1)
-                check_finite(loss.detach()[None], epoch + 1, step)
                 loss.backward()
-                total += loss.detach()
+                window.append(loss.detach())
+            if len(window) >= CHECK_EVERY[device.type == "cuda"] * (2 + drawn) or step == len(train):
+                per_step = torch.stack(window).view(-1, 2 + drawn).sum(1)  # the sandwich's loss, by step
+                check_finite(per_step, epoch + 1, step - len(per_step) + 1)  # before the update would spread a NaN
+                total += per_step.sum()
+                window.clear()
             optimizer.step()
             updates += 1
             scheduler.step_update(updates)
             if on_step is not None and step % max(1, len(train) // 10) == 0:
                 on_step(epoch + step / len(train))
-        net.eval()
-        accs = [evaluate(_Child(net, c), val)["acc"] for c in ends]
+        accs = [score(net, c, val) for c in fixed]
         metrics = {"epoch": epoch + 1, "train_loss": total.item() / len(train), "val_acc": accs[0],
                    "val_acc_smallest": accs[1], "epoch_seconds": time.perf_counter() - started}
         if on_epoch is not None:
             on_epoch(metrics, {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                                "updates": updates, "config": net.config.to_dict(), "supernet": net.spec})
     return metrics
-
-
-class _Child(torch.nn.Module):
-    """A child of the supernet as a plain module, for ``evaluate``."""
-
-    def __init__(self, net: Supernet, config) -> None:
-        super().__init__()
-        self.net, self.child_config = net, config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x, self.child_config)
 
 
 def train_supernet(params: dict[str, Any], data: DataBundle, pool: list[dict[str, Any]]) -> None:
@@ -195,6 +202,8 @@ def _supernet(settings, prepared, study, runs, run_dir: Path, deadline, progress
         net.save(supernet_path(run_dir), parent=settings.parent, epochs=0)
         return True
     previous = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"]
+    if any("error" in t.user_attrs for t in previous):
+        return False  # it failed with an error: reported as such, not trained again
     job = _job("supernet", "supernet", "supernet", settings.seed, net.config, epochs)
     job["parent"] = str(Path(settings.parent).resolve()) if settings.parent else None
     job["score_images"] = settings.score_images
@@ -202,8 +211,6 @@ def _supernet(settings, prepared, study, runs, run_dir: Path, deadline, progress
            and Path(t.user_attrs.get("checkpoint", "")).exists()]
     if cut:
         job["resume_from"] = cut[-1]  # a supernet cut by --time-budget or a killed driver goes on from there
-    if previous and any("error" in t.user_attrs for t in previous):
-        return False  # it failed with an error: reported as such, not trained again
     _tune(settings, prepared, study, run_dir, "supernet", [job], deadline, progress, trainable=train_supernet,
           pool=[c.to_dict() for c in configs])
     done = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"
@@ -219,7 +226,6 @@ def _score(settings, prepared, study, run_dir: Path, deadline, progress: bool) -
     from ray.tune.search import Searcher
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..train import evaluate
     from .driver import _trained, baseline_jobs
     from .searcher import BudgetSearcher, error_line
     from .storage import Heartbeat
@@ -253,9 +259,7 @@ def _score(settings, prepared, study, run_dir: Path, deadline, progress: bool) -
                 continue
             started = time.perf_counter()
             try:
-                config = config_from_dict(suggestion["config"])
-                with torch.no_grad():
-                    acc = evaluate(_Child(net, config), val)["acc"]
+                acc = score(net, config_from_dict(suggestion["config"]), val)
             except Exception as err:  # noqa: BLE001  (a candidate that cannot run is a failed trial)
                 searcher.on_trial_complete(trial_id, None, error=True)
                 searcher.fail(trial_id, error_line(err))

@@ -454,7 +454,7 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
 
 def write_reports(run_dir: Path) -> None:
     """Rebuild every report in ``run_dir`` from its stored studies."""
-    from ..spaces import Inputs
+    from ..spaces import Inputs, get_space
 
     settings = load_settings(run_dir)
     study = open_run_study(run_dir, settings)  # the study may live on a shared server
@@ -472,7 +472,9 @@ def write_reports(run_dir: Path) -> None:
     configs = [t.user_attrs.get("config") for t in study.trials if t.user_attrs.get("config")]
     inputs = Inputs(settings.img_size, configs[0]["in_chans"], configs[0]["num_classes"]) if configs else Inputs(
         settings.img_size)
-    baseline = settings.space_object().baseline(settings.budget, inputs)
+    # the baseline depends on the space's kind only (Space.baseline), not on a --parent or scorer weights, which
+    # may have moved since the search
+    baseline = get_space(settings.space).baseline(settings.budget, inputs)
     supernet = None
     if (run_dir / "supernet.pt").is_file():
         import torch
