@@ -139,6 +139,13 @@ def test_hvt_pareto_nsga2_search(tmp_path):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (("--space", "stt", "--flops", "1.99M", "--trials", "20", "--epochs", "1", "--train-subset", "500"),
      "only 6 distinct"),
+    # the one-shot strategy's options (tests/test_oneshot.py has the parent too narrow for the space)
+    (("--space", "psvit", "--flops", "30M", "--parent", "x.pt"), "--parent needs --strategy oneshot"),
+    (("--space", "crossvit", "--flops", "30M", "--strategy", "oneshot"), "invalid --space 'crossvit'"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--parent", "missing.pt"), "no such file"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "magic"), "invalid --strategy 'magic'"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--score-images", "0"),
+     "invalid --score-images 0"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, needle, capsys):
     """In process, as the CLI's entry point runs it (the subprocess form is the next test)."""
