@@ -97,6 +97,13 @@ def has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def node_cpus() -> float:
+    """The most CPU cores that one alive node of the joined Ray cluster has: what a single trial can be given."""
+    import ray
+
+    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
+
+
 def storage_path(ray_storage: str | None) -> str | None:
     """``--ray-storage`` as Ray Tune wants it: a URI as given, a local path made absolute."""
     if ray_storage is None or "://" in ray_storage:

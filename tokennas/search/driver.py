@@ -347,7 +347,8 @@ def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
 
 
 def _tune(settings: SearchSettings, prepared: Prepared, study, run_dir: Path, stage: str, jobs: list[dict[str, Any]],
-          deadline: float | None, progress: bool, trainable=None, pool: list[dict[str, Any]] | None = None):
+          deadline: float | None, progress: bool, trainable=None, pool: list[dict[str, Any]] | None = None,
+          cpus: float | None = None):
     from ray import tune
 
     from .progress import LiveTable
@@ -355,6 +356,7 @@ def _tune(settings: SearchSettings, prepared: Prepared, study, run_dir: Path, st
     from .searcher import BudgetSearcher, JobSearcher, TrialEvents
 
     gpus = settings.gpus()
+    cpus = cpus or settings.cpus_per_trial  # the supernet, a stage's only trial, takes a whole node's cores
     train = {"batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed, "augment": settings.augment,
              "device": "cuda" if gpus > 0 else "cpu", "workers": max(0, int(settings.cpus_per_trial) - 1)}
     if stage == "search":
@@ -372,11 +374,11 @@ def _tune(settings: SearchSettings, prepared: Prepared, study, run_dir: Path, st
     table = LiveTable(searcher, settings, total, stage=stage, enabled=progress)
     extra = {"pool": pool} if pool is not None else {}  # the supernet's candidates (oneshot.train_supernet)
     trainable = tune.with_resources(tune.with_parameters(trainable or train_candidate, data=prepared.data, **extra),
-                                    {"cpu": settings.cpus_per_trial, "gpu": gpus})
+                                    {"cpu": cpus, "gpu": gpus})
     name = f"{stage}-{len(study.trials)}"
     tuner = tune.Tuner(
         trainable,
-        param_space={"train": train, "cpus": settings.cpus_per_trial},  # merged into every suggestion
+        param_space={"train": train, "cpus": cpus},  # merged into every suggestion
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, metric="val_acc", mode="max", num_samples=-1,
             reuse_actors=True, time_budget_s=max(1.0, deadline - time.monotonic()) if deadline else None),

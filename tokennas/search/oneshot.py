@@ -37,6 +37,7 @@ from ..train import (
     restore,
     training_batches,
 )
+from . import cluster
 from . import study as S
 
 DEFAULT_SUPERNET_EPOCHS = 6
@@ -212,7 +213,7 @@ def _supernet(settings, prepared, study, runs, run_dir: Path, deadline, progress
     if cut:
         job["resume_from"] = cut[-1]  # a supernet cut by --time-budget or a killed driver goes on from there
     _tune(settings, prepared, study, run_dir, "supernet", [job], deadline, progress, trainable=train_supernet,
-          pool=[c.to_dict() for c in configs])
+          pool=[c.to_dict() for c in configs], cpus=max(settings.cpus_per_trial, cluster.node_cpus()))
     done = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"
             and t.state == TrialState.COMPLETE and t.user_attrs.get("checkpoint")]
     if not done:
