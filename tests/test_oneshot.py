@@ -1,11 +1,13 @@
 """The one-shot strategy: the supernet's weight sharing, parents, and real searches through the CLI."""
 
+import json
 import random
 
 import pandas as pd
 import pytest
 import timm
 import torch
+from ray._private.utils import get_num_cpus as ray_cpus  # the cores Ray counts on this machine
 
 from tokennas.cli import main
 from tokennas.config import build_model
@@ -119,6 +121,10 @@ def test_oneshot_psvit_search_scores_on_shared_weights_then_retrains(tmp_path):
     assert "one-shot" in summary and "trained 1 epochs in this run" in summary
     assert (run_dir / "supernet.pt").is_file() and list((run_dir / "best").glob("01-*.yaml"))
     stamp = (run_dir / "supernet.pt").stat().st_mtime_ns
+    # the supernet, its stage's only trial, gets all the cores of the node; the re-ranking trials --cpus-per-trial
+    cores = {stage: {json.loads(p.read_text())["cpus"] for p in (run_dir / "ray").glob(f"{stage}-*/*/params.json")}
+             for stage in ("supernet", "retrain")}
+    assert cores == {"supernet": {float(ray_cpus())}, "retrain": {1.0}}
 
     main_ok(["search", "--resume", str(run_dir), "--trials", "16", "--quiet"])
     frame = pd.read_csv(run_dir / "trials.csv")
