@@ -191,3 +191,16 @@ def test_sigkilled_driver_is_covered_by_the_other(tmp_path, postgres):
     retried = [t for t in study.trials if t.user_attrs.get("retry_of") == lost.number]
     assert retried and any(S.trained(t) for t in retried)  # its candidate was trained by the other driver
     assert grep_password(tmp_path) == []
+
+
+def test_the_supernet_is_given_the_cores_of_a_node_that_has_its_gpus():
+    """A single trial asking for more cores than any node with its GPUs has could never be placed."""
+    import ray
+
+    from tokennas.search.cluster import node_cpus
+
+    ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False)  # GPUs declared, none needed
+    try:
+        assert (node_cpus(), node_cpus(1), node_cpus(0.5), node_cpus(2)) == (3.0, 3.0, 3.0, None)
+    finally:
+        ray.shutdown()

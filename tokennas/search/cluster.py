@@ -97,11 +97,13 @@ def has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def node_cpus() -> float:
-    """The most CPU cores that one alive node of the joined Ray cluster has: what a single trial can be given."""
+def node_cpus(gpus: float = 0.0) -> float | None:
+    """The most CPU cores that one alive node of the joined Ray cluster has among those with ``gpus`` GPUs: what a
+    single trial can be given and still be placed. None if no node has the GPUs."""
     import ray
 
-    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
+    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+                if node["Alive"] and node["Resources"].get("GPU", 0.0) >= gpus), default=None)
 
 
 def storage_path(ray_storage: str | None) -> str | None:

@@ -130,7 +130,7 @@ def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: Train
                 window.append(loss.detach())
             if len(window) >= CHECK_EVERY[device.type == "cuda"] * (2 + drawn) or step == len(train):
                 per_step = torch.stack(window).view(-1, 2 + drawn).sum(1)  # the sandwich's loss, by step
-                check_finite(per_step, epoch + 1, step - len(per_step) + 1)  # before the update would spread a NaN
+                check_finite(per_step, epoch + 1, step - len(per_step) + 1)  # on the CPU, before this step's update
                 total += per_step.sum()
                 window.clear()
             optimizer.step()
@@ -212,8 +212,9 @@ def _supernet(settings, prepared, study, runs, run_dir: Path, deadline, progress
            and Path(t.user_attrs.get("checkpoint", "")).exists()]
     if cut:
         job["resume_from"] = cut[-1]  # a supernet cut by --time-budget or a killed driver goes on from there
+    cores = cluster.node_cpus(settings.gpus()) or 0  # the whole of a node that has the trial's GPUs
     _tune(settings, prepared, study, run_dir, "supernet", [job], deadline, progress, trainable=train_supernet,
-          pool=[c.to_dict() for c in configs], cpus=max(settings.cpus_per_trial, cluster.node_cpus()))
+          pool=[c.to_dict() for c in configs], cpus=max(settings.cpus_per_trial, cores))
     done = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"
             and t.state == TrialState.COMPLETE and t.user_attrs.get("checkpoint")]
     if not done:
