@@ -4,12 +4,13 @@
     python benchmarks/bench_oneshot.py schedules --parent CHECKPOINT.pt   # a `tokennas train` uniform ViT
     python benchmarks/bench_oneshot.py scoring-speed
 
-``fidelity``: a supernet over the ground-truth table's 40 psvit candidates (``ground_truth_psvit30M.csv``), trained
+``fidelity``: a supernet over the ground-truth table's psvit candidates (``ground_truth_psvit30M.csv``), trained
 on the table's own data (the first 1,000 training images of split seed 0) with tokennas' recipe and the sandwich
 rule, then every candidate scored on its inherited weights on the table's 1,000 validation images. Reports Kendall
 tau against the stand-alone accuracy (8 epochs, mean over seeds) and the compute the one-shot search needs to
-reach random search's median final best (0.633, from ``bench_validity.py``): the supernet's training, the scoring,
-then the top candidates by shared-weight score re-trained at the table's fidelity in order until one reaches it.
+reach random search's median final best (replayed on the table as in ``bench_validity.py``): the supernet's
+training, the scoring, then the top candidates by shared-weight score re-trained at the table's fidelity in order
+until one reaches it.
 Compute is counted in the table's unit, one candidate-epoch (a training pass over the 1,000 images plus a
 validation pass), converted by MACs: a supernet epoch costs the MACs of its sandwich, a scoring one forward pass.
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_validity.py [--table benchmarks/ground_truth_psvit30M.csv --replays 200 --budget 20]
 
 1. Rank fidelity: Kendall tau between the accuracy at the search's fidelity (``lo``) and at 4x the
-   epochs (``hi``), over the table's candidates.
+   epochs (``hi``), over the table's candidates; and between the ``hi`` runs of two seeds, the table's noise.
 2. Early stopping: how often ASHA's decision at a rung (top third goes on) agrees with the final
    ranking (top third at the last epoch), for each possible first rung, from the per-epoch curves.
 3. Search efficiency: random search, TPE, TPE with ASHA (simulated from the curves) and NSGA-II replayed
@@ -51,6 +51,19 @@ def rank_fidelity(table: pd.DataFrame) -> dict:
     both = table.dropna(subset=["lo"])
     return {"candidates": len(both), "kendall_tau": kendalltau(both["lo"], both["hi"]).statistic,
             "spearman": spearmanr(both["lo"], both["hi"]).statistic}
+
+
+def seed_agreement(path: Path) -> dict:
+    """Kendall tau between the hi-fidelity accuracies of seed 0 and seed 1, over the candidates that have both:
+    the table's own noise, a ceiling on what any lower fidelity can reach against it."""
+    from scipy.stats import kendalltau
+
+    raw = pd.read_csv(path)
+    raw = raw[(raw["fidelity"] == "hi") & (raw["role"] == "candidate") & raw["seed"].isin([0, 1])]
+    both = raw.pivot_table(index="candidate", columns="seed", values="val_acc").dropna()
+    if both.shape[1] < 2:
+        return {"candidates": 0, "kendall_tau": np.nan}
+    return {"candidates": len(both), "kendall_tau": kendalltau(both[0], both[1]).statistic}
 
 
 def recipe_fidelity(tuned: Path, old: Path) -> pd.DataFrame:
@@ -178,6 +191,9 @@ def main() -> None:
     fidelity = rank_fidelity(table)
     print(f"\n## Rank fidelity\nKendall tau {fidelity['kendall_tau']:.3f}, Spearman {fidelity['spearman']:.3f} "
           f"over {fidelity['candidates']} candidates (lo against hi)")
+    seeds = seed_agreement(args.table)
+    print(f"Kendall tau {seeds['kendall_tau']:.3f} between seed 0 and seed 1 at the high fidelity over "
+          f"{seeds['candidates']} candidates (the table's own noise)")
     old = args.table.with_name(args.table.stem + "_old_recipe.csv")
     if old.exists():
         print("\n## Rank fidelity before and after tuning (seed 0, lo against hi)\n"

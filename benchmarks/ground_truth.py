@@ -3,8 +3,8 @@
     python benchmarks/ground_truth.py [--subset 1000 --epochs-lo 2 --epochs-hi 8 --seeds 2 --workers 2]
     python benchmarks/ground_truth.py --recipe old --sample 24 --seeds 1   # the rank fidelity before tuning
 
-Every distinct config of a complete psvit sub-grid under 30M MACs at 32px (40 of its 96 points: width
-64-192, depth 4-8, 2 or 4 heads, no or two-stage max pooling, no or alternate attention sharing), plus the
+Every distinct config of a complete psvit sub-grid under 30M MACs at 32px (68 of its 144 points: width
+64-192, depth 4-8, 2 or 4 heads, no, early or two-stage max pooling, no or alternate attention sharing), plus the
 space's uniform baseline, is trained with tokennas' default recipe on a fixed Fashion-MNIST split:
 - at the high fidelity (``--epochs-hi`` epochs) with ``--seeds`` seeds, keeping the per-epoch validation
   curve (what a replayed ASHA sees);
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
 DIMENSIONS = {"embed_dim": (64, 96, 128, 192), "depth": (4, 6, 8), "num_heads": (2, 4),
-              "pool_schedule": ("none", "two-stage"), "attn_sharing": ("none", "alternate")}
+              "pool_schedule": ("none", "early", "two-stage"), "attn_sharing": ("none", "alternate")}
 BUDGET = 30_000_000
 COLUMNS = ["candidate", "role", "fidelity", "seed", "epochs", "subset", "img_size", "flops", "n_params", "val_acc",
            "curve", "seconds", "params", "config"]
