@@ -1,6 +1,7 @@
 """Is the search worth its compute? Figures from the committed ground-truth table, no training.
 
     python benchmarks/bench_validity.py [--table benchmarks/ground_truth_psvit30M.csv --replays 200 --budget 20]
+    python benchmarks/bench_validity.py --first-seed 200 --plot /tmp/replay.png   # other seeds: does it hold?
 
 1. Rank fidelity: Kendall tau between the accuracy at the search's fidelity (``lo``) and at 4x the
    epochs (``hi``), over the table's candidates; and between the ``hi`` runs of two seeds, the table's noise.
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=Path(__file__).parent / "ground_truth_psvit30M.csv")
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--budget", type=int, default=20, help="trained candidates per replay")
+    parser.add_argument("--first-seed", type=int, default=0, help="replay seeds are first-seed .. first-seed+replays-1")
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "replay.png")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # medians of replays that have no best yet
@@ -204,7 +206,8 @@ def main() -> None:
     grid = np.arange(1, epochs * args.budget + 1)
     curves, finals = {}, {}
     for method in ("random", "tpe", "tpe+asha", "nsga2"):
-        runs = [best_at(Replay(table, method, seed, args.budget, rung).run(), grid) for seed in range(args.replays)]
+        seeds = range(args.first_seed, args.first_seed + args.replays)
+        runs = [best_at(Replay(table, method, seed, args.budget, rung).run(), grid) for seed in seeds]
         curves[method] = np.stack(runs)
         finals[method] = curves[method][:, -1]
     target = np.nanmedian(finals["random"])
