@@ -9,9 +9,10 @@
    ranking (top third at the last epoch), for each possible first rung, from the per-epoch curves.
 3. Search efficiency: random search, TPE, TPE with ASHA (simulated from the curves) and NSGA-II replayed
    ``--replays`` times each against the table (its sub-grid is the whole search space: every proposal
-   has a value, over-budget points are told as infeasible). Best-so-far against cumulative epochs:
-   median and interquartile range, the compute each method needs to reach random search's median final
-   best, and the share of paired replays (same seed) each method wins against random search.
+   has a value, over-budget points are told as infeasible, a stalled sampler gets an untried candidate as in
+   the search; ``tpe-told`` tells repeats their original's value instead of FAIL). Best-so-far against
+   cumulative epochs: median and interquartile range, the compute each method needs to reach random search's
+   median final best, and the share of paired replays (same seed) each method wins against random search.
 Writes ``benchmarks/replay.png`` and prints markdown tables for RESULTS.md.
 """
 
@@ -105,13 +106,29 @@ def rung_agreement(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-class Replay:
-    """One search against the table: Optuna asks over the sub-grid; every evaluation costs epochs."""
+def search_stall() -> int:
+    """Misses (over-budget or repeated proposals) after which the search hands the sampler an untried feasible
+    candidate at random: ``BudgetSearcher``'s default, so that the replays do what the search does."""
+    import inspect
 
-    def __init__(self, table: pd.DataFrame, method: str, seed: int, budget: int, first_rung: int) -> None:
+    from tokennas.search.searcher import BudgetSearcher
+
+    return inspect.signature(BudgetSearcher.__init__).parameters["stall"].default
+
+
+class Replay:
+    """One search against the table: Optuna asks over the sub-grid; every evaluation costs epochs.
+
+    As in the search, a repeat is never trained again and is told FAIL (``tpe-told``: told the original's
+    value instead), and after every ``stall`` misses in a row an untried feasible candidate is enqueued."""
+
+    def __init__(self, table: pd.DataFrame, method: str, seed: int, budget: int, first_rung: int,
+                 stall: int | None = None) -> None:
         self.lookup = {json.dumps(json.loads(p), sort_keys=True): row for p, row in
                        zip(table["params"], table.itertuples(), strict=True)}
         self.method, self.seed, self.budget, self.first_rung = method, seed, budget, first_rung
+        self.stall = stall if stall is not None else search_stall()
+        self.proposals = self.repeats = self.fallbacks = 0
 
     def run(self) -> list[tuple[int, float]]:
         """(cumulative epochs, best final accuracy so far) after each trained candidate."""
@@ -120,13 +137,19 @@ class Replay:
         from tokennas.search import study as S
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        sampler = S.make_sampler("tpe" if self.method == "tpe+asha" else self.method, self.seed, self.budget)
+        sampler = S.make_sampler("tpe" if self.method in ("tpe+asha", "tpe-told") else self.method, self.seed,
+                                 self.budget)
         study = optuna.create_study(direction="maximize", sampler=sampler)
-        epochs_used, best, trace, seen = 0, -1.0, [], set()
+        epochs_used, best, trace, seen = 0, -1.0, [], {}
         rungs: dict[int, list[float]] = {}
-        proposals = 0
-        while len(seen) < self.budget and proposals < 50 * self.budget:
-            proposals += 1
+        rng, misses = np.random.default_rng(self.seed), 0
+        while len(seen) < self.budget and self.proposals < 50 * self.budget:
+            if misses and misses % self.stall == 0:  # the search's fallback (BudgetSearcher._enqueue_untried)
+                untried = sorted(set(self.lookup) - set(seen))
+                params = json.loads(untried[rng.integers(len(untried))])
+                study.enqueue_trial({k: params[k] for k in DIMENSIONS})
+                self.fallbacks += 1
+            self.proposals += 1
             trial = study.ask()
             params = {k: trial.suggest_categorical(k, list(v)) for k, v in DIMENSIONS.items()}
             key = json.dumps({**params, "pool_kind": "max2d"}, sort_keys=True)
@@ -134,12 +157,18 @@ class Replay:
             if row is None:  # over the budget: told as infeasible, costs nothing
                 trial.set_constraint("flops", 1.0)
                 study.tell(trial, 0.0)
+                misses += 1
                 continue
             trial.set_constraint("flops", float(row.flops - BUDGET))
-            if key in seen:  # a repeat is never trained again, nor told as evidence
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if key in seen:  # a repeat is never trained again; FAIL is no evidence to a sampler
+                self.repeats += 1
+                misses += 1
+                if self.method == "tpe-told" and seen[key] is not None:
+                    study.tell(trial, seen[key])
+                else:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
-            seen.add(key)
+            misses = 0
             curve = row.curve
             stopped_at = None
             if self.method == "tpe+asha":
@@ -153,10 +182,12 @@ class Replay:
                     rung *= 3
             if stopped_at is not None:
                 epochs_used += stopped_at
+                seen[key] = None
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             else:
                 epochs_used += len(curve)
                 best = max(best, float(curve[-1]))
+                seen[key] = float(curve[-1])
                 study.tell(trial, float(curve[-1]))
             trace.append((epochs_used, best))
         return trace
@@ -204,12 +235,13 @@ def main() -> None:
 
     rung = first_rung(epochs, TrainSettings().warmup_epochs)
     grid = np.arange(1, epochs * args.budget + 1)
-    curves, finals = {}, {}
-    for method in ("random", "tpe", "tpe+asha", "nsga2"):
-        seeds = range(args.first_seed, args.first_seed + args.replays)
-        runs = [best_at(Replay(table, method, seed, args.budget, rung).run(), grid) for seed in seeds]
-        curves[method] = np.stack(runs)
+    curves, finals, counts = {}, {}, {}
+    for method in ("random", "tpe", "tpe+asha", "nsga2", "tpe-told"):
+        replays = [Replay(table, method, seed, args.budget, rung)
+                   for seed in range(args.first_seed, args.first_seed + args.replays)]
+        curves[method] = np.stack([best_at(replay.run(), grid) for replay in replays])
         finals[method] = curves[method][:, -1]
+        counts[method] = {k: np.mean([getattr(r, k) for r in replays]) for k in ("proposals", "repeats", "fallbacks")}
     target = np.nanmedian(finals["random"])
 
     def reach(runs: np.ndarray) -> int | None:
@@ -225,9 +257,11 @@ def main() -> None:
                      "epochs to random's median final best": epochs_needed,
                      "compute vs random": None if epochs_needed is None else epochs_needed / random_reach,
                      "wins vs random": float(np.mean(finals[method] > finals["random"])),
-                     "ties": float(np.mean(finals[method] == finals["random"]))})
+                     "ties": float(np.mean(finals[method] == finals["random"])),
+                     **{f"{k} per replay": v for k, v in counts[method].items()}})
     print(f"\n## Replays ({args.replays} per method, {args.budget} trained candidates each, "
-          f"ASHA first rung at epoch {rung}; target = random's median final best {target:.4f})")
+          f"ASHA first rung at epoch {rung}, an untried candidate after {search_stall()} misses in a row; "
+          f"target = random's median final best {target:.4f})")
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"))
     checkpoints = [g for g in (epochs, 2 * epochs, 5 * epochs, 10 * epochs, 20 * epochs) if g <= grid[-1]]
     print("\nMedian best-so-far [IQR] at cumulative epochs:")
