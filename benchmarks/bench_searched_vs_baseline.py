@@ -68,6 +68,7 @@ def main() -> None:
     from tokennas.search.settings import load_settings
     from tokennas.spaces import Inputs
 
+    references = ["baseline"]  # what the searched configs are compared with
     if args.run_dir.suffix == ".csv":
         import json
 
@@ -83,10 +84,11 @@ def main() -> None:
         configs["baseline"] = get_space("psvit").baseline(30_000_000, Inputs(first.img_size, 1, 10))
         # The table's best uniform ViT (no pooling, no sharing): what a user tuning width and depth by hand
         # would reach, so the difference to it is what the token schedule adds beyond the baseline's shape.
-        plain = [name for name, row in best.iterrows()
-                 if not json.loads(row.config)["pool_after"] and not json.loads(row.config)["share_attn"]]
+        plain = [name for name, config in ((n, json.loads(c)) for n, c in best["config"].items())
+                 if not config["pool_after"] and not config["share_attn"]]
         if plain and plain[0] not in configs:
-            configs[f"uniform-{plain[0]}"] = config_from_dict(json.loads(best.loc[plain[0]].config))
+            references.append(f"uniform-{plain[0]}")
+            configs[references[-1]] = config_from_dict(json.loads(best.loc[plain[0]].config))
     else:
         settings = load_settings(args.run_dir)
         searched = sorted((args.run_dir / "best").glob("*.yaml"))[: args.top]
@@ -108,7 +110,6 @@ def main() -> None:
             print(f"{row['name']} seed {row['seed']}: test {row['test_acc']:.4f} ({row['seconds']:.0f}s)", flush=True)
 
     results = pd.read_csv(args.out)
-    references = [n for n in configs if n == "baseline" or n.startswith("uniform-")]
     rows = []
     for reference in references:
         ref = results[results["name"] == reference].set_index("seed")["test_acc"]

@@ -30,6 +30,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from ground_truth import BUDGET, DIMENSIONS  # noqa: E402
 
+from tokennas.search.searcher import STALL  # noqa: E402  (the search's stall count, so the replays do the same)
+
 
 def load_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per candidate: the hi-fidelity accuracy and curve (means over seeds), the lo accuracy, FLOPs."""
@@ -106,16 +108,6 @@ def rung_agreement(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def search_stall() -> int:
-    """Misses (over-budget or repeated proposals) after which the search hands the sampler an untried feasible
-    candidate at random: ``BudgetSearcher``'s default, so that the replays do what the search does."""
-    import inspect
-
-    from tokennas.search.searcher import BudgetSearcher
-
-    return inspect.signature(BudgetSearcher.__init__).parameters["stall"].default
-
-
 class Replay:
     """One search against the table: Optuna asks over the sub-grid; every evaluation costs epochs.
 
@@ -127,7 +119,7 @@ class Replay:
         self.lookup = {json.dumps(json.loads(p), sort_keys=True): row for p, row in
                        zip(table["params"], table.itertuples(), strict=True)}
         self.method, self.seed, self.budget, self.first_rung = method, seed, budget, first_rung
-        self.stall = stall if stall is not None else search_stall()
+        self.stall = stall if stall is not None else STALL
         self.proposals = self.repeats = self.fallbacks = 0
 
     def run(self) -> list[tuple[int, float]]:
@@ -190,6 +182,9 @@ class Replay:
                 seen[key] = float(curve[-1])
                 study.tell(trial, float(curve[-1]))
             trace.append((epochs_used, best))
+        if len(seen) < self.budget:  # a replay that stopped short would pass for a cheap one
+            raise RuntimeError(f"{self.method} replay, seed {self.seed}: {len(seen)} of {self.budget} candidates "
+                               f"trained in {self.proposals} proposals")
         return trace
 
 
@@ -260,7 +255,7 @@ def main() -> None:
                      "ties": float(np.mean(finals[method] == finals["random"])),
                      **{f"{k} per replay": v for k, v in counts[method].items()}})
     print(f"\n## Replays ({args.replays} per method, {args.budget} trained candidates each, "
-          f"ASHA first rung at epoch {rung}, an untried candidate after {search_stall()} misses in a row; "
+          f"ASHA first rung at epoch {rung}, an untried candidate after {STALL} misses in a row; "
           f"target = random's median final best {target:.4f})")
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"))
     checkpoints = [g for g in (epochs, 2 * epochs, 5 * epochs, 10 * epochs, 20 * epochs) if g <= grid[-1]]

@@ -1,7 +1,7 @@
 """Build the ground-truth table the validity benchmark replays searches against (run once, commit the CSV).
 
     python benchmarks/ground_truth.py [--subset 1000 --epochs-lo 2 --epochs-hi 8 --seeds 2 --workers 2]
-    python benchmarks/ground_truth.py --recipe old --sample 24 --seeds 1   # the rank fidelity before tuning
+    python benchmarks/ground_truth.py --recipe old --seeds 1   # the rank fidelity before tuning
 
 Every distinct config of a complete psvit sub-grid under 30M MACs at 32px (68 of its 144 points: width
 64-192, depth 4-8, 2 or 4 heads, no, early or two-stage max pooling, no or alternate attention sharing), plus the

@@ -111,12 +111,16 @@ class _RunsMixin:
         self.runs.tell(run, float(result["val_acc"]))
 
 
+# Over-budget or repeated proposals in a row after which the sampler is handed an untried feasible candidate.
+STALL = 20
+
+
 class BudgetSearcher(_RunsMixin, Searcher):
     """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits and is new."""
 
     def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int,
                  trials: int = 1_000_000, max_failures: int = 1_000_000, feasible: dict[str, dict] | None = None,
-                 jobs: list[dict[str, Any]] | None = None, seed: int = 0, stall: int = 20) -> None:
+                 jobs: list[dict[str, Any]] | None = None, seed: int = 0, stall: int = STALL) -> None:
         super().__init__(metric="val_acc", mode="max")
         self.study, self.space, self.inputs, self.budget = study, space, inputs, budget
         self.max_epochs, self.trials, self.max_failures = max_epochs, trials, max_failures
