@@ -30,7 +30,7 @@ from servers import ray_cluster  # noqa: E402
 def candidates_per_hour(address: str, run_dir: Path, args: argparse.Namespace) -> tuple[float, int, float]:
     import optuna
 
-    from tokennas.search import study as S
+    from tokennas.search.studies import study as S
 
     subprocess.run([sys.executable, "-m", "tokennas.cli", "search", "--space", "psvit", "--flops", "30M",
                     "--trials", str(args.trials), "--epochs", str(args.epochs),

@@ -73,7 +73,7 @@ def random_target(table_path: Path, replays: int) -> tuple[float, int]:
 
 
 def _score_all(net, configs, batches) -> list[float]:
-    from tokennas.search.oneshot import score
+    from tokennas.search.strategies.oneshot import score
 
     return [score(net, c, batches) for c in configs]
 
@@ -83,7 +83,7 @@ def fidelity(args) -> None:
 
     from tokennas.data import load_data
     from tokennas.models.supernet import build_supernet
-    from tokennas.search.oneshot import SANDWICH_RANDOM, fit_supernet, scoring_batches
+    from tokennas.search.strategies.oneshot import SANDWICH_RANDOM, fit_supernet, scoring_batches
     from tokennas.train import TrainSettings
 
     table = _configs(args.table)
@@ -217,7 +217,7 @@ def schedules(args) -> None:
     from tokennas.config import config_from_dict
     from tokennas.data import Batches, load_data
     from tokennas.models.supernet import build_supernet, load_parent, parent_trunk
-    from tokennas.search.oneshot import scoring_batches
+    from tokennas.search.strategies.oneshot import scoring_batches
     from tokennas.spaces import Inputs
     from tokennas.spaces.tokens import TokensSpace
     from tokennas.train import evaluate
@@ -297,7 +297,7 @@ def schedules(args) -> None:
 def scoring_speed(args) -> None:
     from tokennas.data import load_data
     from tokennas.models.supernet import build_supernet
-    from tokennas.search.oneshot import scoring_batches
+    from tokennas.search.strategies.oneshot import scoring_batches
     from tokennas.spaces import Inputs
     from tokennas.spaces.tokens import TokensSpace
 

@@ -26,8 +26,8 @@ def overhead(trials: int) -> None:
     import ray
     from ray import tune
 
-    from tokennas.search import study as S
-    from tokennas.search.searcher import BudgetSearcher
+    from tokennas.search.studies import study as S
+    from tokennas.search.tune.searcher import BudgetSearcher
     from tokennas.spaces import Inputs, get_space
 
     def trivial(params):
@@ -36,7 +36,7 @@ def overhead(trials: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         run_dir = Path(folder)
         study = S.open_study(run_dir, "acc", S.make_sampler("tpe", 0, trials), create=True)
-        searcher = BudgetSearcher(study, get_space("psvit"), Inputs(), 30_000_000, max_epochs=1)
+        searcher = BudgetSearcher(study, get_space("psvit"), Inputs(), 30_000_000, max_epochs=1, stall=20)
         ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         tuner = tune.Tuner(tune.with_resources(trivial, {"cpu": 1}), tune_config=tune.TuneConfig(
             search_alg=searcher, metric="val_acc", mode="max", num_samples=trials, reuse_actors=True),
@@ -68,7 +68,7 @@ def efficiency(trials: int, epochs: int, train_subset: int, budget: str, seed: i
     import pandas as pd
 
     from tokennas.flops import parse_flops
-    from tokennas.search.driver import run_search
+    from tokennas.search.run import run_search
     from tokennas.search.settings import SearchSettings
 
     print(f"machine: {machine()}; psvit under {budget}, {trials} trials, {epochs} epochs, {train_subset} images, "

@@ -30,7 +30,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from ground_truth import BUDGET, DIMENSIONS  # noqa: E402
 
-from tokennas.search.searcher import STALL  # noqa: E402  (the search's stall count, so the replays do the same)
+from tokennas.search.strategies.standalone import Standalone  # noqa: E402
+
+STALL = Standalone.stall  # the standalone search's stall count, so the replays do the same
 
 
 def load_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -126,7 +128,7 @@ class Replay:
         """(cumulative epochs, best final accuracy so far) after each trained candidate."""
         import optuna
 
-        from tokennas.search import study as S
+        from tokennas.search.studies import study as S
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         sampler = S.make_sampler("tpe" if self.method in ("tpe+asha", "tpe-told") else self.method, self.seed,
@@ -208,7 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # medians of replays that have no best yet
 
-    from tokennas.search.schedulers import first_rung
+    from tokennas.search.tune.schedulers import first_rung
     from tokennas.train import TrainSettings
 
     table, baseline = load_table(args.table)

@@ -37,8 +37,8 @@ COLUMNS = ["candidate", "role", "fidelity", "seed", "epochs", "subset", "img_siz
 
 def candidates(img_size: int) -> list[dict]:
     """The sub-space's distinct feasible configs (sorted by key) and the baseline, each with its parameters."""
+    from tokennas.config import config_key
     from tokennas.flops import count_flops
-    from tokennas.search.study import config_key
     from tokennas.spaces import Inputs, get_space
 
     space, inputs = get_space("psvit"), Inputs(img_size, 1, 10)

@@ -14,8 +14,8 @@ from optuna.trial import TrialState
 from servers import PASSWORD, free_port, postgres_installed, postgres_server, ray_cluster
 
 from tokennas.cli import main
-from tokennas.search import coordination as C
-from tokennas.search import study as S
+from tokennas.search.studies import coordination as C
+from tokennas.search.studies import study as S
 
 pytestmark = pytest.mark.cluster
 BASE = ("--space", "psvit", "--flops", "30M", "--train-subset", "300", "--seed", "0", "--quiet")
@@ -197,7 +197,7 @@ def test_the_supernet_is_given_the_cores_of_a_node_that_has_its_gpus():
     """A single trial asking for more cores than any node with its GPUs has could never be placed."""
     import ray
 
-    from tokennas.search.cluster import node_cpus
+    from tokennas.search.tune.cluster import node_cpus
 
     ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False)  # GPUs declared, none needed
     try:

@@ -43,3 +43,27 @@ def test_bad_names_and_files(tmp_path):
     bad.write_text("family: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("preset,field,value,match", [
+    ("deit_tiny", "mlp_ratio", float("inf"), "`mlp_ratio` must be a finite number, got inf"),
+    ("deit_tiny", "mlp_ratio", float("nan"), "`mlp_ratio` must be a finite number"),
+    ("deit_tiny", "mlp_ratio", 10**400, "`mlp_ratio` must be a finite number"),
+    ("deit_tiny", "mlp_ratio", 1e-4, "`mlp_ratio` must give at least one MLP hidden unit"),
+    ("deit_tiny", "drop_path_rate", 1.5, r"`drop_path_rate` must be in \[0, 1\)"),
+    ("deit_tiny", "depth", True, "`depth` must be an integer, got True"),
+    ("deit_tiny", "depth", 12.0, "`depth` must be an integer, got 12.0"),
+    ("deit_tiny", "keep_tokens", [196] * 11 + [98.5], r"`keep_tokens` must be a list of integers, got \[196"),
+    ("deit_tiny", "pool_after", [True], "`pool_after` must be a list of integers"),
+    ("deit_tiny", "share_attn", [[1]], "`share_attn` must be a list of integers"),
+    ("deit_tiny", "keep_tokens", 5, "`keep_tokens` must be a list of integers, got 5"),
+    ("crossvit_15", "mlp_ratio", [4.0, float("inf")], "`mlp_ratio` must be a list of finite numbers"),
+    ("crossvit_15", "depth", [1, 4.0], "`depth` must be a list of integers"),
+    ("stt_tiny", "global_blocks", [1.0], "`global_blocks` must be a list of integers"),
+    ("stt_tiny", "drop_path_rate", -0.1, "`drop_path_rate`"),
+    ("quadformer_s_256_100", "mlp_ratio", float("-inf"), "`mlp_ratio` must be a finite number"),
+])
+def test_every_family_refuses_non_finite_and_non_integer_values(preset, field, value, match):
+    data = {**load_config(preset).to_dict(), field: value}
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(data)

@@ -7,10 +7,10 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from tokennas.search import coordination as C
-from tokennas.search import storage as ST
-from tokennas.search import study as S
-from tokennas.search.searcher import BudgetSearcher
+from tokennas.search.studies import coordination as C
+from tokennas.search.studies import storage as ST
+from tokennas.search.studies import study as S
+from tokennas.search.tune.searcher import BudgetSearcher
 from tokennas.spaces import Inputs, get_space
 
 BUDGET = 30_000_000
@@ -20,7 +20,7 @@ def driver(path, target, seed):
     """One driver's searcher, with its own storage handle on the shared journal file (as a process would)."""
     study = S.open_study(JournalStorage(JournalFileBackend(str(path))), "acc", S.make_sampler("random", seed, 8),
                          create=True, study_name="shared")
-    return BudgetSearcher(study, get_space("psvit"), Inputs(), BUDGET, max_epochs=1, trials=target)
+    return BudgetSearcher(study, get_space("psvit"), Inputs(), BUDGET, max_epochs=1, trials=target, stall=20)
 
 
 def run(searcher, prefix, errors, together=None):
@@ -97,7 +97,7 @@ def test_redact_keeps_everything_but_the_password(url, expected):
 
 
 def test_resume_takes_the_storage_again_with_its_password_and_nothing_else(tmp_path):
-    from tokennas.search.driver import resume_settings
+    from tokennas.search.run import resume_settings
     from tokennas.search.settings import SearchSettings, save_settings
 
     save_settings(SearchSettings(space="psvit", flops="30M", storage="postgresql://u@db:5432/s"),

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from tokennas.cli import main
-from tokennas.search.study import STUDY_NAME, storage_url
+from tokennas.search.studies.study import STUDY_NAME, storage_url
 
 EXAMPLE = Path(__file__).parents[1] / "results/example"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -193,7 +193,7 @@ def test_oneshot_hvt_search(tmp_path):
 
 def test_a_candidate_whose_logits_are_not_finite_is_a_failure_not_an_accuracy():
     from tokennas.data import TensorSplit
-    from tokennas.search.oneshot import score, scoring_batches
+    from tokennas.search.strategies.oneshot import score, scoring_batches
     from tokennas.train import NonFiniteLoss
 
     configs = feasible("psvit")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tokennas.cli import main
-from tokennas.search import study as S
+from tokennas.search.studies import study as S
 
 OUTPUTS = ("trials.csv", "pareto.png", "report.html", "summary.md", "study.db", "search.yaml")
 QUICK = ("--trials", "2", "--epochs", "1", "--train-subset", "500", "--seed", "0", "--retrain-top", "0", "--quiet")
@@ -78,7 +78,7 @@ def test_psvit_search_trains_the_baseline_and_reranks_on_two_seeds(psvit_run):
     runs = retrained[retrained["source"] == str(number)]["val_acc"]
     assert top["val_acc_mean"] == pytest.approx(runs.mean()) and top["val_acc_std"] == pytest.approx(runs.std())
     summary = (psvit_run / "summary.md").read_text()
-    assert "(2 seeds)" in summary and "| baseline |" in summary and "against the baseline" in summary
+    assert "2 × 1 epoch (seeds 1 2)" in summary and "| baseline |" in summary and "against the baseline" in summary
     assert f"best/01-trial{number}-" in summary
 
 

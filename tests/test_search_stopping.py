@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 from tokennas.models.schedule_vit import ScheduleViTConfig
-from tokennas.search import study as S
-from tokennas.search.driver import SearchFailed, run_search
-from tokennas.search.report import pareto_mask
+from tokennas.report.tables import pareto_mask
+from tokennas.search.run import SearchFailed, run_search
 from tokennas.search.settings import SearchSettings
+from tokennas.search.studies import study as S
 from tokennas.spaces import Inputs, Space, register_space
 
 

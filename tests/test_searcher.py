@@ -6,8 +6,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tokennas.search import study as S
-from tokennas.search.searcher import BudgetSearcher
+from tokennas.config import config_key
+from tokennas.search.studies import study as S
+from tokennas.search.tune.searcher import BudgetSearcher
 from tokennas.spaces import Inputs, get_space
 
 BUDGET = 30_000_000
@@ -15,7 +16,7 @@ BUDGET = 30_000_000
 
 def make(tmp_path, objective="acc", sampler="tpe", budget=BUDGET):
     study = S.open_study(tmp_path, objective, S.make_sampler(sampler, 0, 8), create=True)
-    return BudgetSearcher(study, get_space("psvit"), Inputs(), budget, max_epochs=3)
+    return BudgetSearcher(study, get_space("psvit"), Inputs(), budget, max_epochs=3, stall=20)
 
 
 def test_suggest_only_hands_ray_feasible_candidates(tmp_path):
@@ -135,7 +136,7 @@ def test_a_small_space_finishes_without_grinding(tmp_path):
     searcher = BudgetSearcher(study, space, inputs, 1_990_000, max_epochs=1, trials=6, feasible=feasible, stall=10)
     configs = []
     for i in range(6):
-        configs.append(S.config_key(searcher.suggest(str(i))["config"]))
+        configs.append(config_key(searcher.suggest(str(i))["config"]))
         searcher.on_trial_complete(str(i), {"val_acc": 0.5, "epoch": 1})
     assert sorted(configs) == sorted(feasible) and searcher.suggest("done") == Searcher.FINISHED
     assert len(study.trials) < 2_000
@@ -145,7 +146,8 @@ def test_failures_are_replaced_until_the_limit(tmp_path):
     from ray.tune.search import Searcher
 
     study = S.open_study(tmp_path, "acc", S.make_sampler("random", 0, 2), create=True)
-    searcher = BudgetSearcher(study, get_space("psvit"), Inputs(), BUDGET, max_epochs=1, trials=2, max_failures=2)
+    searcher = BudgetSearcher(study, get_space("psvit"), Inputs(), BUDGET, max_epochs=1, trials=2, max_failures=2,
+                              stall=20)
     searcher.suggest("a")
     searcher.suggest("b")
     assert searcher.suggest("c") is None  # two in flight for two trials
@@ -184,7 +186,7 @@ def test_tpe_models_only_after_feasible_startup(tmp_path):
 def test_pareto_rungs_stop_only_dominated_candidates():
     from ray.tune.schedulers import TrialScheduler
 
-    from tokennas.search.schedulers import ParetoRungs
+    from tokennas.search.tune.schedulers import ParetoRungs
 
     rungs = ParetoRungs(grace_period=1, max_t=3)
     assert rungs.rungs == [1]
@@ -195,7 +197,7 @@ def test_pareto_rungs_stop_only_dominated_candidates():
 
 
 def test_first_rung_comes_after_the_warmup():
-    from tokennas.search.schedulers import first_rung
+    from tokennas.search.tune.schedulers import first_rung
 
     assert first_rung(3, 1.0) == 2 and first_rung(3, 0.3) == 1 and first_rung(9, 2.5) == 3 and first_rung(1, 0.3) == 1
     assert first_rung(8, 0.3) == 2

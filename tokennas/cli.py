@@ -144,7 +144,7 @@ def search(
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, the best are re-ranked on more
     seeds against the uniform baseline, reports come out."""
-    from .search.driver import run_search
+    from .search.run import run_search
     from .search.settings import SearchSettings
 
     # typer may vendor its own click: compare the parameter source by name
@@ -180,21 +180,23 @@ def export(
                              "export, whose configs are replaced; nothing else in it is touched."),
 ) -> None:
     """Export the best configs of a search (its final ranking) from its stored study."""
-    from .search.report import export_best
+    from .report.export import export_best
     from .search.settings import load_settings
-    from .search.storage import open_run_study
+    from .search.strategies import get_strategy
+    from .search.studies.storage import open_run_study
 
     if top < 1:
         raise ValueError(f"invalid --top {top}; expected at least 1")
     settings = load_settings(_run_dir(run_dir))
-    for path in export_best(open_run_study(run_dir, settings), settings.objective, top, out):
+    epochs = get_strategy(settings.strategy).retrain_epochs(settings)
+    for path in export_best(open_run_study(run_dir, settings), settings.objective, top, out, epochs):
         console.print(str(path))
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A search's run folder.")) -> None:
     """Rebuild trials.csv, best/, pareto.png, report.html and summary.md from the stored study."""
-    from .search.report import write_reports
+    from .report import write_reports
 
     write_reports(_run_dir(run_dir))
     console.print(f"reports rebuilt in {run_dir}")
@@ -233,17 +235,39 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Train a config for longer, then evaluate it once on the test split."""
+    import math
+
     import pandas as pd
+    import torch
 
     from .config import load_config
     from .data import Batches, load_data
-    from .train import TrainSettings, check_compatible, evaluate, fit, save_checkpoint
+    from .train import (
+        NonFiniteLoss,
+        TrainSettings,
+        check_compatible,
+        check_out,
+        evaluate,
+        fit,
+        save_checkpoint,
+        write_atomic,
+    )
 
     model_config = load_config(config)
-    if epochs < 1:
-        raise ValueError(f"invalid --epochs {epochs}; expected at least 1")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"invalid --device {device!r}; expected auto, cpu or cuda")
+    checks = [
+        (epochs >= 1, f"invalid --epochs {epochs}; expected at least 1"),
+        (batch_size >= 1, f"invalid --batch-size {batch_size}; expected at least 1"),
+        (math.isfinite(lr) and lr > 0, f"invalid --lr {lr}; expected a positive finite number"),
+        (train_subset is None or train_subset >= 10, f"invalid --train-subset {train_subset}; expected at least 10 "
+                                                     "images"),
+        (device in ("auto", "cpu", "cuda"), f"invalid --device {device!r}; expected auto, cpu or cuda"),
+        (device != "cuda" or torch.cuda.is_available(), "invalid --device cuda: CUDA is not available on this "
+                                                        "machine; use cpu or auto"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    check_out(out)  # before the training, so that no earlier run is replaced and no hours are lost
     data = load_data(dataset, data_dir, model_config.img_size, train_subset, seed=seed, with_test=True)
     check_compatible(model_config, data)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
@@ -254,17 +278,21 @@ def train(
         console.print(f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
                       f"val_acc {metrics['val_acc']:.4f}")
 
-    model, metrics = fit(model_config, data, settings, on_epoch)
+    try:
+        model, metrics = fit(model_config, data, settings, on_epoch)
+    except NonFiniteLoss as err:  # a run that failed, not bad input: exit 1, and --out is left untouched
+        print(f"error: training diverged: {err}; nothing was written to {str(out)!r}", file=sys.stderr)
+        raise typer.Exit(1) from None
     test = evaluate(model, Batches(data.test, 256, model_config.img_size, settings.resolved_device(), shuffle=False,
                                    stats=data.stats))
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no folder behind
     result = {"config": str(config), "epochs": epochs, "val_acc": metrics["val_acc"], "test_acc": test["acc"],
               "test_loss": test["loss"], "flops": sum(model_config.flops_by_module().values()),
               "params": model_config.num_params()}
-    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
+    write_atomic(out / "history.csv", lambda path: pd.DataFrame(history).to_csv(path, index=False))
     save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result,
                     data_config=data.data_config)  # the preprocessing timm's resolve_data_config gives back
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "metrics.json", lambda path: path.write_text(json.dumps(result, indent=2)))
     console.print(f"test accuracy {test['acc']:.4f}; wrote {out}/metrics.json, history.csv, checkpoint.pt")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,21 +88,30 @@ def _tuplify(value: Any) -> Any:
 
 
 _SCALARS = {"int": int, "float": (int, float), "bool": bool, "str": str}
+_KIND_NAMES = {"int": ("an integer", "integers"), "float": ("a finite number", "finite numbers"),
+               "bool": ("true or false", "booleans"), "str": ("a string", "strings")}
+
+
+def _is_scalar(value: Any, kind: str) -> bool:
+    """``value`` is a ``kind`` ("int", "float", "bool", "str"): a bool is no number, a float is finite."""
+    if isinstance(value, bool) and kind != "bool":
+        return False
+    if not isinstance(value, _SCALARS[kind]):
+        return False
+    try:  # YAML's .inf and .nan, and an int too large for a float, would reach the costs
+        return kind != "float" or math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_type(config: ModelConfig, field: dataclasses.Field) -> None:
-    value = getattr(config, field.name)
-    expected = _SCALARS.get(str(field.type))
-    if expected is None:
-        if str(field.type).startswith("tuple") and not isinstance(value, tuple):
-            raise ValueError(f"`{field.name}` must be a list, got {value!r}")
-        return
-    if isinstance(value, bool) and expected is not bool:
-        ok = False
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
-        raise ValueError(f"`{field.name}` must be {field.type}, got {value!r}")
+    value, kind = getattr(config, field.name), str(field.type)
+    if kind in _SCALARS and not _is_scalar(value, kind):
+        raise ValueError(f"`{field.name}` must be {_KIND_NAMES[kind][0]}, got {value!r}")
+    if kind.startswith("tuple["):  # tuple[int, ...] or tuple[float, ...]
+        item = kind[len("tuple["):].split(",")[0].strip()
+        if not isinstance(value, tuple) or not all(_is_scalar(v, item) for v in value):
+            raise ValueError(f"`{field.name}` must be a list of {_KIND_NAMES[item][1]}, got {_listify(value)!r}")
 
 
 def register_family(config_cls: type[ModelConfig], build: Callable[[Any], Any]) -> None:
@@ -110,11 +120,9 @@ def register_family(config_cls: type[ModelConfig], build: Callable[[Any], Any]) 
 
 
 def register_preset(name: str, config: ModelConfig, doc: str) -> None:
-    """Register a named paper variant, also as timm model ``tokennas_<name>`` (see ``models/pretrained.py``)."""
-    from .models.pretrained import register_timm_preset
-
+    """Register a named paper variant; ``models/__init__.py`` then makes every preset a timm model
+    ``tokennas_<name>`` (``models/pretrained.py``)."""
     PRESETS[name] = (config, doc)
-    register_timm_preset(name, config, doc)
 
 
 def config_from_dict(data: Any) -> ModelConfig:
@@ -176,3 +184,9 @@ def build_model(name_or_config: str | Path | ModelConfig):
 
 def list_presets() -> list[str]:
     return sorted(PRESETS)
+
+
+def config_key(config: ModelConfig | dict[str, Any]) -> str:
+    """The canonical identity of a candidate: its config (as ``to_dict`` gives it), not the parameters that built
+    it. Repeats, the feasible set and the supernet's children are all keyed by it."""
+    return json.dumps(config.to_dict() if isinstance(config, ModelConfig) else config, sort_keys=True)

@@ -3,6 +3,11 @@
 A seeded validation split is carved from the training data; the search selects on it alone. The
 test split is read only by ``tokennas train``. Fashion-MNIST is small enough to live as one uint8
 tensor on the training device, so a batch is an index into it and never waits for a loader.
+
+An image folder (``--dataset folder``) is ``D/train/`` and ``D/validation/``, each with one subfolder per
+class (at least 2, the same in both), and optionally ``D/test/`` with the same classes. The search's validation
+split is carved from ``train/`` with the seed; the test split of ``tokennas train`` is ``test/`` when it exists,
+else ``validation/``. A missing ``train/`` or ``validation/`` is refused, never replaced by the root folder.
 """
 
 from __future__ import annotations
@@ -144,9 +149,12 @@ def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_
                       in_chans=1, num_classes=10, img_size=img_size, data_config=timm_data_config(EMBEDDED, img_size))
 
 
+FOLDER_NAMES = ("", "folder", "imagefolder")  # an image folder; other names are timm's datasets
+
+
 def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, with_test, augment) -> DataBundle:
     """Any timm dataset name (``torch/cifar10``...) or, with an empty name or ``folder``, an image folder."""
-    from timm.data import create_dataset, create_transform
+    from timm.data import create_transform
     from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
     if not data_dir:
@@ -154,12 +162,12 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
     root = Path(data_dir)
     if not root.exists():
         raise ValueError(f"--data-dir {str(root)!r} does not exist")
-    timm_name = "" if name in ("folder", "imagefolder") else name
-    try:
-        train_full = create_dataset(timm_name, root=str(root), split="train", is_training=True, download=False)
-        test = create_dataset(timm_name, root=str(root), split="validation", download=False) if with_test else None
-    except Exception as err:  # timm raises many kinds; the user needs the one line
-        raise ValueError(f"cannot open dataset {name!r} in {str(root)!r}: {str(err).splitlines()[0]}") from None
+    if name in FOLDER_NAMES:
+        train_full, val_full, test = _image_folder(name, root, with_test)
+    else:
+        train_full = _create(name, root, "train", is_training=True)
+        test = _create(name, root, "validation") if with_test else None
+        val_full = _create(name, root, "train")
     train_full.transform = train_transform(img_size, augment)
     data_config = timm_data_config(name, img_size)
     eval_transform = create_transform(**data_config)  # what resolve_data_config gives for a model trained here
@@ -167,13 +175,52 @@ def _timm_dataset(name, data_dir, img_size, train_subset, val_fraction, seed, wi
         test.transform = eval_transform
     train_idx, val_idx = _split_indices(len(train_full), max(1, int(len(train_full) * val_fraction)),
                                         train_subset, seed)
-    val_full = create_dataset(timm_name, root=str(root), split="train", download=False)
     val_full.transform = eval_transform
     num_classes = _num_classes(train_full)
     return DataBundle(name, torch.utils.data.Subset(train_full, train_idx.tolist()),
                       torch.utils.data.Subset(val_full, val_idx.tolist()), test, in_chans=3,
                       num_classes=num_classes, img_size=img_size, stats=(IMAGENET_DEFAULT_MEAN[0], 1.0),
                       data_config=data_config)
+
+
+def _create(name: str, root: Path, split: str, **kwargs):
+    """timm's ``create_dataset``; an image folder (``FOLDER_NAMES``) is opened at ``root`` itself."""
+    from timm.data import create_dataset
+
+    folder = name in FOLDER_NAMES
+    try:
+        return create_dataset("" if folder else name, root=str(root), split=split, search_split=not folder,
+                              download=False, **kwargs)
+    except Exception as err:  # noqa: BLE001  (timm raises many kinds; the user needs the one line)
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot open dataset {name!r} in {str(root)!r}: {first}") from None
+
+
+def _image_folder(name: str, root: Path, with_test: bool):
+    """An image folder's training images (twice: augmented, and for the validation split carved from them) and
+    its test split (``test/``, else ``validation/``). ``train/`` and ``validation/`` must exist with the same
+    classes: timm would fall back to the root, and a test on training images would look like generalisation."""
+    for split in ("train", "validation"):
+        if not (root / split).is_dir():
+            raise ValueError(f"image folder {str(root)!r} has no {split}/ folder; expected {split}/ beside "
+                             f"{'validation' if split == 'train' else 'train'}/, each with one subfolder per class")
+    train = _create(name, root / "train", "train", is_training=True)
+    classes = sorted(train.reader.class_to_idx)
+    if len(classes) < 2:
+        raise ValueError(f"image folder {str(root / 'train')!r} has {len(classes)} class(es); expected at least 2 "
+                         "class subfolders")
+    held_out = {"validation": _create(name, root / "validation", "validation")}
+    if with_test and (root / "test").is_dir():
+        held_out["test"] = _create(name, root / "test", "test")
+    for split, dataset in held_out.items():
+        other = sorted(dataset.reader.class_to_idx)
+        if other != classes:
+            only_train, only_here = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            odd = f"{only_train[0]!r} only in train/" if only_train else f"{only_here[0]!r} only in {split}/"
+            raise ValueError(f"image folder {str(root / split)!r} has other classes than train/ ({odd}); expected "
+                             "the same class subfolders")
+    test = held_out.get("test", held_out["validation"]) if with_test else None
+    return train, _create(name, root / "train", "train"), test
 
 
 def _num_classes(dataset) -> int:

@@ -9,7 +9,7 @@ so that ``unsupported_ops()`` of a trace lists only ops nobody has decided about
 
 from __future__ import annotations
 
-from math import prod
+from math import nan, prod
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from .config import ModelConfig, build_model, load_config
 
 METHODS = ("analytic", "fvcore")
+MAX_FLOPS = 10**15  # per image: about a thousand ViT-H/14 passes at 518px; a larger budget is a typo
 
 ZERO_COST_OPS = (
     "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div", "aten::div_",
@@ -95,19 +96,20 @@ def count_params(name_or_config: str | Path | ModelConfig) -> int:
 
 
 def parse_flops(text: str) -> int:
-    """'4G', '30M', '1.5k' or a plain integer, in MACs."""
+    """'4G', '30M', '1.5k' or a plain integer, in MACs: at least 1 and at most ``MAX_FLOPS``."""
     units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
     raw = str(text).strip()
     scale = units.get(raw[-1:].lower(), 1) if raw and raw[-1].isalpha() else 1
     number = raw[:-1] if scale != 1 else raw
     try:
-        value = float(number)
+        value = float(number) * scale
     except ValueError:
-        value = -1.0
-    if value <= 0 or (scale == 1 and raw[-1:].isalpha()):
-        raise ValueError(f"invalid FLOPs budget {text!r}; expected a positive number with an optional "
-                         "k/M/G suffix, e.g. 4G or 30M")
-    return int(value * scale)
+        value = nan
+    # nan, inf and 1e400 parse as floats; below one MAC or above MAX_FLOPS is a typo, not a budget
+    if not 1 <= value <= MAX_FLOPS or (scale == 1 and raw[-1:].isalpha()):
+        raise ValueError(f"invalid FLOPs budget {text!r}; expected a positive finite number of MACs with an "
+                         "optional k/M/G/T suffix, such as 30M or 4G")
+    return int(value)
 
 
 def format_flops(value: float) -> str:

@@ -8,6 +8,7 @@ so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -162,10 +163,36 @@ def check_finite(losses: torch.Tensor, epoch: int, first_step: int) -> None:
 
 
 def save_checkpoint(model: torch.nn.Module, config: ModelConfig, path: Path, **extra: Any) -> Path:
-    """Weights plus the config that rebuilds the model, loadable with ``weights_only=True``."""
+    """Weights plus the config that rebuilds the model, loadable with ``weights_only=True``; written whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": config.to_dict(), **extra}, path)
+    return write_atomic(path, lambda tmp: torch.save({"model": model.state_dict(), "config": config.to_dict(),
+                                                      **extra}, tmp))
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(temporary path)``, then rename it to ``path``: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+TRAIN_OUTPUTS = ("metrics.json", "history.csv", "checkpoint.pt")  # what `tokennas train` writes into --out
+
+
+def check_out(out: Path) -> None:
+    """``tokennas train --out``: a folder path, made or not, that holds no earlier run's outputs (never replaced)."""
+    above = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"invalid --out {str(out)!r}: {str(above)!r} is a file; expected a folder")
+    if not os.access(above, os.W_OK):
+        raise ValueError(f"invalid --out {str(out)!r}: {str(above)!r} is not writable")
+    earlier = [name for name in TRAIN_OUTPUTS if (out / name).exists()]
+    if earlier:
+        raise ValueError(f"--out {str(out)!r} already holds {earlier[0]} from an earlier run; use another --out")
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:

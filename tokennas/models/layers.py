@@ -109,13 +109,16 @@ class Block(nn.Module):
 
 
 def check_trunk(config) -> None:
-    """The checks every isotropic trunk shares: depth, heads dividing the width, MLP ratio."""
+    """The checks every isotropic trunk shares: depth, heads dividing the width, MLP ratio, drop-path rate."""
     if config.depth < 1:
         raise ValueError(f"`depth` must be at least 1, got {config.depth}")
     if config.embed_dim < 1 or config.num_heads < 1 or config.embed_dim % config.num_heads:
         raise ValueError(f"`num_heads` ({config.num_heads}) must divide `embed_dim` ({config.embed_dim})")
-    if config.mlp_ratio <= 0:
-        raise ValueError(f"`mlp_ratio` must be positive, got {config.mlp_ratio}")
+    if config.mlp_ratio <= 0 or int(config.embed_dim * config.mlp_ratio) < 1:
+        raise ValueError(f"`mlp_ratio` must give at least one MLP hidden unit at `embed_dim` {config.embed_dim}, "
+                         f"got {config.mlp_ratio}")
+    if not 0 <= config.drop_path_rate < 1:
+        raise ValueError(f"`drop_path_rate` must be in [0, 1), got {config.drop_path_rate}")
 
 
 POOL_KINDS = ("max1d", "max2d", "avg2d", "conv2d")

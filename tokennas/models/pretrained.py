@@ -26,7 +26,7 @@ import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
-from ..config import FAMILIES, ModelConfig, build_model, config_from_dict, load_config
+from ..config import FAMILIES, PRESETS, ModelConfig, build_model, config_from_dict, load_config
 from ..data import EMBEDDED, timm_data_config
 
 # Fields a checkpoint's weights do not fix: timm adapts the input conv and the classifier, or they only train.
@@ -141,6 +141,15 @@ def create(variant: str, config: ModelConfig | None, pretrained: bool = False, p
                          "tokennas checkpoint.pt or a state dict")
     return build_model_with_cfg(_builder(config, weights), variant, pretrained, pretrained_cfg=pretrained_cfg,
                                 pretrained_cfg_overlay=overlay, cache_dir=cache_dir, **kwargs)
+
+
+def register_timm_presets() -> None:
+    """Every preset of ``config.PRESETS`` as ``timm.create_model("tokennas_<name>", ...)`` (once each)."""
+    from timm.models import is_model
+
+    for name, (config, doc) in PRESETS.items():
+        if not is_model(f"tokennas_{name}"):
+            register_timm_preset(name, config, doc)
 
 
 def register_timm_preset(name: str, config: ModelConfig, doc: str) -> None:

@@ -21,7 +21,6 @@ child computes exactly what the stand-alone model of that config computes, at ex
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import build_model, config_from_dict
+from ..config import build_model, config_from_dict, config_key
 from .layers import pooled_length
 from .schedule_vit import ScheduleViT, ScheduleViTConfig
-
-
-def _key(config) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True)
 
 
 def parent_config(configs: list[ScheduleViTConfig]) -> tuple[ScheduleViTConfig, int, int]:
@@ -105,7 +100,7 @@ class Supernet(ScheduleViT):
                              f"{len(self.pool_convs)}")
 
     def _child(self, config: ScheduleViTConfig) -> nn.Module:
-        key = _key(config)
+        key = config_key(config)
         child = self._children.get(key)
         if child is None:
             self.check(config)
@@ -224,6 +219,9 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], ScheduleViTConfig 
     if not isinstance(state, dict) or "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise ValueError(f"invalid --parent {str(path)!r}: expected a tokennas checkpoint or a timm ViT/DeiT state "
                          "dict (with patch_embed.proj.weight and pos_embed)")
+    if "blocks.0.mlp.fc1.weight" not in state:  # _infer reads the depth and the MLP from the blocks
+        raise ValueError(f"invalid --parent {str(path)!r}: it holds no ViT blocks (no 'blocks.N.' keys); expected a "
+                         "tokennas train checkpoint or a timm ViT/DeiT state dict")
     return state, None, {}
 
 
@@ -253,6 +251,11 @@ def load_parent(path: str | Path, img_size: int, in_chans: int, num_classes: int
     state, config, extras = _read(path)
     config = config or _infer(state)
     state = dict(state)
+    # timm's adapt_input_conv turns RGB weights into any channel count and sums up to 3 channels into one;
+    # other weights it would pass through unchanged, and the input conv would not load
+    if config.in_chans != in_chans and not (config.in_chans == 3 or (in_chans == 1 and config.in_chans < 3)):
+        raise ValueError(f"invalid --parent {str(path)!r}: it takes {config.in_chans} input channel(s) but the data "
+                         f"has {in_chans}; timm adapts RGB weights to any channel count, and up to 3 channels to 1")
     if config.in_chans != in_chans:
         state["patch_embed.proj.weight"] = adapt_input_conv(in_chans, state["patch_embed.proj.weight"])
     grid = img_size // config.patch_size
@@ -282,7 +285,7 @@ def build_supernet(configs: list[ScheduleViTConfig], parent: Parent | None = Non
     pos_stages = max(pos_stages, int(parent.extras.get("pos_stages", 0)))
     conv_stages = max(conv_stages, int(parent.extras.get("conv_stages", 0)))
     net = Supernet(parent.trunk, pos_stages, conv_stages)
-    for config in {_key(c): c for c in configs}.values():
+    for config in {config_key(c): c for c in configs}.values():
         try:
             net.check(config)
         except ValueError as err:

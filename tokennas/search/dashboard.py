@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from .study import storage_url
+from .studies.study import storage_url
 
 HOST = "127.0.0.1"  # never another interface: the dashboard can rename and delete studies
 
@@ -24,7 +24,7 @@ class _QuietHandler(WSGIRequestHandler):
 def dashboard_server(run_dir: Path, port: int = 0) -> WSGIServer:
     """A server for ``run_dir``'s study on 127.0.0.1; ``port`` 0 picks a free one (``server.server_port``)."""
     from .settings import load_settings
-    from .storage import open_storage
+    from .studies.storage import open_storage
 
     settings = load_settings(run_dir)
     if not settings.storage and not (run_dir / "study.db").is_file():

@@ -14,11 +14,9 @@ import yaml
 from ..data import AUGMENTS, EMBEDDED
 from ..flops import parse_flops
 from ..spaces import get_space
-from . import study as S
+from .studies import study as S
 
 SCHEDULERS = ("asha", "fifo")
-STRATEGIES = ("standalone", "oneshot")
-ONESHOT_SPACES = ("psvit", "hvt", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +53,7 @@ class SearchSettings:
     storage: str | None = None  # Optuna storage URL, password never stored; None: RUN_DIR/study.db
     study_name: str = S.STUDY_NAME
     heartbeat: int = 30  # seconds between heartbeats of a shared RDB study; a trial is lost after twice that
-    # how candidates are evaluated (see oneshot.py): standalone training, or scoring on a supernet's shared weights
+    # how candidates are evaluated (search/strategies/): standalone training, or scoring on a supernet's shared weights
     strategy: str = "standalone"
     parent: str | None = None  # oneshot: the supernet's weights (tokennas checkpoint or timm ViT/DeiT state dict)
     supernet_epochs: int | None = None  # oneshot: None = 6 (0 with a parent whose classifier fits the data)
@@ -109,37 +107,12 @@ class SearchSettings:
                 raise ValueError(f"invalid --gpus-per-trial {self.gpus_per_trial}: CUDA is not available on this "
                                  "machine; use 0 or leave it unset")
         self.validate_cluster()
-        self.validate_strategy()
-
-    def validate_strategy(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"invalid --strategy {self.strategy!r}; expected one of: {', '.join(STRATEGIES)}")
-        if self.strategy != "oneshot":
-            for name in ("parent", "supernet_epochs"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"--{name.replace('_', '-')} needs --strategy oneshot")
-            if self.finetune_epochs:
-                raise ValueError("--finetune-epochs needs --strategy oneshot")
-            return
-        if self.space not in ONESHOT_SPACES:
-            raise ValueError(f"invalid --space {self.space!r} for --strategy oneshot; expected one of: "
-                             f"{', '.join(ONESHOT_SPACES)} (their candidates are one ViT whose weights slice; "
-                             "crossvit, quadtree and stt candidates do not share one trunk)")
-        checks = [
-            (self.parent is None or Path(self.parent).is_file(), f"invalid --parent {self.parent!r}: no such file"),
-            (self.supernet_epochs is None or self.supernet_epochs >= 0,
-             f"invalid --supernet-epochs {self.supernet_epochs}; expected 0 or more"),
-            (self.finetune_epochs >= 0, f"invalid --finetune-epochs {self.finetune_epochs}; expected 0 or more"),
-            (self.score_images >= 1, f"invalid --score-images {self.score_images}; expected at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     def validate_cluster(self) -> None:
         """The cluster and storage options: form only, no I/O (connections are checked by storage.py and
         cluster.py)."""
-        from . import cluster, storage
+        from .studies import storage
+        from .tune import cluster
 
         cluster.check_address(self.ray_address)
         storage.check_url(self.storage)
@@ -157,7 +130,7 @@ class SearchSettings:
         if self.gpus_per_trial is not None:
             return self.gpus_per_trial
         if not self.local_ray:
-            from .cluster import has_gpus
+            from .tune.cluster import has_gpus
 
             return 1.0 if has_gpus() else 0.0
         import torch

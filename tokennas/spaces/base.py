@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import ModelConfig, config_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +67,13 @@ class Space:
         """The distinct configs within ``budget`` (canonical config key -> one parameter set that builds it),
         and the smallest cost in the space. Many parameter sets can build one config (a pooling kind with
         no pooling, say); a candidate is its config."""
-        import json
-
         feasible, smallest = {}, None
         for params in self.grid(inputs):
             config = self.build(params, inputs)
             flops = sum(config.flops_by_module().values())
             smallest = flops if smallest is None else min(smallest, flops)
             if flops <= budget:
-                feasible.setdefault(json.dumps(config.to_dict(), sort_keys=True), params)
+                feasible.setdefault(config_key(config), params)
         return feasible, smallest
 
     def baseline(self, budget: int, inputs: Inputs) -> ModelConfig | None:

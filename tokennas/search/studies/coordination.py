@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import datetime
 import time
-import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ...config import config_key
+from . import adapter
 from . import study as S
 
 CLAIMED = "claimed"  # user attribute: this trial trains (set on its turn, after the budget and repeat checks)
@@ -31,12 +32,6 @@ WITHDRAWN = "withdrawn"  # user attribute: the study already had its candidates 
 ABANDONED_S = 60.0
 MAX_RETRIES = 3  # a candidate whose trial was lost this many times is not proposed again
 POLL_S = 0.05
-
-
-def fail_stale(study: optuna.Study) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
 
 
 def is_decided(trial: FrozenTrial) -> bool:
@@ -66,7 +61,7 @@ def counts(study: optuna.Study) -> tuple[int, int]:
 def wait_turn(study: optuna.Study, trial: optuna.Trial) -> None:
     """Block until every lower-numbered trial is decided; fail the ones whose driver is gone."""
     while True:
-        fail_stale(study)
+        adapter.fail_stale(study)
         now = datetime.datetime.now()
         waiting = False
         for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -89,7 +84,7 @@ def lost_candidate(study: optuna.Study) -> FrozenTrial | None:
     trials = study.get_trials(deepcopy=False)
 
     def key(t: FrozenTrial) -> str | None:
-        return S.config_key(t.user_attrs["config"]) if "config" in t.user_attrs else None
+        return config_key(t.user_attrs["config"]) if "config" in t.user_attrs else None
 
     held = {key(t) for t in trials if settled(t) or (t.state == TrialState.RUNNING and CLAIMED in t.user_attrs)}
     lost = [t for t in trials if is_lost(t)]
@@ -109,30 +104,27 @@ def take_turn(study: optuna.Study, trial: optuna.Trial, target: int | None) -> o
             trial.set_user_attr(WITHDRAWN, True)
             study.tell(trial, state=TrialState.FAIL)
             return None
-    if "fixed_params" in study._storage.get_trial_system_attrs(trial._trial_id):
+    if adapter.is_enqueued(study, trial):
         return trial  # enqueued (a resumed or fallback candidate): keep it
     lost = lost_candidate(study)
     if lost is None:
         return trial
-    study._storage.set_trial_system_attr(trial._trial_id, "fixed_params", lost.params)  # as enqueue_trial does
     trial.set_user_attr("retry_of", lost.number)
-    return optuna.Trial(study, trial._trial_id)  # re-read, so that the fixed parameters apply
+    return adapter.fix_params(study, trial, lost.params)
 
 
 def claim(study: optuna.Study, trial: optuna.Trial) -> None:
     """Mark the trial as training (ends its turn) and give it a first heartbeat where the storage has them."""
-    from .storage import beats
-
     trial.set_user_attr(CLAIMED, True)
-    if beats(study):
-        study._storage.record_heartbeat(trial._trial_id)
+    if adapter.heartbeat_interval(study) is not None:
+        adapter.record_heartbeat(study, trial)
 
 
 def job_taken(runs: optuna.Study, run: optuna.Trial) -> int | None:
     """The number of a lower-numbered run of the same job (stage, source, seed) that finished, failed
     with an error or is running, in which case ``run`` is withdrawn; else None. Runs whose attributes are
     still being written are waited for, briefly."""
-    attrs = runs._storage.get_trial_user_attrs(run._trial_id)
+    attrs = adapter.user_attrs(runs, run)
     job = tuple(attrs.get(k) for k in ("stage", "source", "seed"))
     deadline = time.monotonic() + ABANDONED_S
     while True:

@@ -12,14 +12,15 @@ ground truth for ``--resume``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import ModelConfig
+from ...config import ModelConfig, config_key
+from . import adapter
 
 OBJECTIVES = ("acc", "pareto")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -80,7 +81,9 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
 
 
 def storage_url(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    """The SQLite URL of ``run_dir/study.db``; the path is percent-encoded, so that a folder named ``a?b`` or
+    ``a%41b`` stays a folder name (SQLAlchemy decodes it) instead of becoming a URL query or escape."""
+    return "sqlite:///" + quote(str((run_dir / "study.db").resolve()))
 
 
 def open_study(where: Path | str | optuna.storages.BaseStorage, objective: str,
@@ -104,12 +107,8 @@ def open_study(where: Path | str | optuna.storages.BaseStorage, objective: str,
 def open_runs(study: optuna.Study) -> optuna.Study:
     """The reference and re-ranking runs beside ``study``, in the same storage (created on first use)."""
     name = RUNS_STUDY if study.study_name == STUDY_NAME else f"{study.study_name}-runs"
-    return optuna.create_study(storage=study._storage, study_name=name, direction="maximize", load_if_exists=True)
-
-
-def config_key(config: dict[str, Any]) -> str:
-    """The canonical identity of a candidate: its config, not the sampler's parameters that built it."""
-    return json.dumps(config, sort_keys=True)
+    return optuna.create_study(storage=adapter.storage(study), study_name=name, direction="maximize",
+                               load_if_exists=True)
 
 
 def record_cost(trial: optuna.Trial, config: ModelConfig, flops: int, budget: int) -> bool:
@@ -130,7 +129,7 @@ def tell_infeasible(study: optuna.Study, trial: optuna.Trial, flops: int) -> Non
 def find_repeat(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
     """An earlier candidate with the same config (whatever parameters built it) that was trained, is being
     trained, or failed with an error; candidates that were only interrupted may be trained again."""
-    key = config_key(study._storage.get_trial_user_attrs(trial._trial_id)["config"])
+    key = config_key(adapter.user_attrs(study, trial)["config"])
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
                                                           TrialState.FAIL)):
         if other.number == trial.number or is_repeat(other) or is_infeasible(other) or "config" not in other.user_attrs:
@@ -217,7 +216,7 @@ def resume_interrupted(study: optuna.Study, fail_running: bool = True, enqueue: 
     cut off by a deadline, are asked again (once each, ``enqueue``)."""
     stale = [t for t in study.trials if t.state == TrialState.RUNNING] if fail_running else []
     for t in stale:
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", "the search was killed")
+        adapter.set_user_attr(study, t, "interrupted", "the search was killed")
         study.tell(t.number, state=TrialState.FAIL)
     if not enqueue:
         return 0

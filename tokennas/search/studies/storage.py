@@ -22,6 +22,9 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage
 
+from . import adapter
+from . import study as S
+
 PASSWORD_ENV = "TOKENNAS_STORAGE_PASSWORD"
 RDB_SCHEMES = ("postgresql", "mysql", "sqlite")
 SCHEMES = ("postgresql://", "mysql://", "sqlite:///", "journal:PATH")
@@ -60,21 +63,48 @@ def check_url(text: str | None) -> None:
                          "postgresql://USER@HOST:5432/DB")
 
 
+# Query-string keys that carry a secret in libpq, psycopg, MySQL drivers and SQLAlchemy URLs.
+SECRET_KEYS = ("password", "passwd", "pwd", "sslpassword", "passfile", "sslkey", "secret", "token")
+
+
+def _is_secret(key: str) -> bool:
+    return any(word in key.lower() for word in SECRET_KEYS)
+
+
 def redact(text: str | None) -> str | None:
-    """The URL without its password (kept out of search.yaml, logs, reports and pickles)."""
+    """The URL without its password, in the user part or the query string (kept out of search.yaml, logs,
+    reports and pickles)."""
     if text is None or "://" not in text or text.startswith("journal:"):
         return text
     try:
         import sqlalchemy
 
         url = sqlalchemy.engine.make_url(text)
-    except Exception:  # malformed: drop everything between the scheme and the host
+    except Exception:  # malformed: keep the scheme and the host only
         scheme, _, rest = text.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
-    if url.password is None:
+        return f"{scheme}://{rest.rpartition('@')[2].partition('?')[0]}"
+    query = {k: v for k, v in url.query.items() if not _is_secret(k)}
+    if url.password is None and query == dict(url.query):
         return text
     return url.create(url.drivername, username=url.username, host=url.host, port=url.port, database=url.database,
-                      query=url.query).render_as_string(hide_password=False)
+                      query=query).render_as_string(hide_password=False)
+
+
+def secrets(text: str) -> list[str]:
+    """Every secret in a storage URL (its password, secret query values, TOKENNAS_STORAGE_PASSWORD), to scrub
+    from error messages."""
+    found = [os.environ.get(PASSWORD_ENV, "")]
+    try:
+        import sqlalchemy
+
+        url = sqlalchemy.engine.make_url(text)
+        found.append(url.password or "")
+        for key, value in url.query.items():
+            if _is_secret(key):
+                found += [value] if isinstance(value, str) else list(value)
+    except Exception:  # malformed: nothing parsed, nothing to scrub beyond the environment's
+        pass
+    return [s for s in found if s]
 
 
 def with_password(text: str) -> str:
@@ -92,14 +122,9 @@ def is_shared(storage: Any) -> bool:
     return not isinstance(storage, str)
 
 
-def _backend(study: optuna.Study) -> Any:
-    return getattr(study._storage, "_backend", study._storage)  # under Optuna's cache wrapper
-
-
 def beats(study: optuna.Study) -> bool:
     """Whether the study's storage has heartbeats (an RDB storage opened by ``open_storage``)."""
-    backend = _backend(study)
-    return isinstance(backend, RDBStorage) and backend.heartbeat_interval is not None
+    return adapter.heartbeat_interval(study) is not None
 
 
 class _RedactedRDBStorage(RDBStorage):
@@ -120,7 +145,7 @@ def open_storage(text: str | None, run_dir: Path, heartbeat: int = 30) -> Any:
     connected storage object. Unreachable servers and bad paths raise a one-line ``ValueError``."""
     check_url(text)
     if text is None:
-        return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+        return S.storage_url(run_dir)
     if redact(text) in _OPENED:  # the reports of this process reopen the study from the redacted search.yaml
         return _OPENED[redact(text)]
     _OPENED[redact(text)] = _open(text, heartbeat)
@@ -165,22 +190,27 @@ def _open(text: str, heartbeat: int) -> Any:
             from None
     except Exception as err:  # sqlalchemy's OperationalError and friends: say which storage and why, in one line
         reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        password = url.password or os.environ.get(PASSWORD_ENV)
-        if password:
-            reason = reason.replace(password, "***")
+        for secret in secrets(text):
+            reason = reason.replace(secret, "***")
         raise ValueError(f"cannot open --storage {redact(text)!r}: {reason}") from None
 
 
+# Settings that say how this driver runs, not what its scores mean: drivers of one study may differ in these.
+DRIVER_ONLY = ("time_budget", "max_failures", "top", "ray_address", "ray_storage", "storage", "study_name",
+               "heartbeat", "cpus_per_trial", "gpus_per_trial", "retrain_top", "retrain_epochs", "retrain_seeds")
+
+
 def check_compatible(study: optuna.Study, settings: dict[str, Any], resume: bool = False) -> None:
-    """Drivers sharing a study must run the same search; the first one records what that is. A resumed
-    driver may change ``--trials`` (extending the search)."""
-    keys = ("space", "flops", "trials", "epochs", "objective", "dataset", "img_size", "train_subset")
-    mine = {k: settings[k] for k in keys}
+    """Drivers sharing a study must run the same search: every setting that changes what a score means (the
+    space and budget, the data and its validation split via ``seed``, the training recipe, the strategy and its
+    options, the sampler) must match; the first driver records them. A resumed driver may change ``--trials``
+    (extending the search)."""
+    mine = {k: v for k, v in settings.items() if k not in DRIVER_ONLY}
     theirs = study.user_attrs.get("search")
     if theirs is None or (resume and theirs.get("trials") != mine["trials"]):
         study.set_user_attr("search", mine)
         theirs = theirs or mine
-    for key in keys:
+    for key in mine:
         if key == "trials" and resume:
             continue
         if theirs.get(key) != mine[key]:
@@ -196,14 +226,10 @@ def recover_lost_trials(study: optuna.Study, resume: bool, enqueue: bool = True)
     ``coordination`` proposes their candidates again; without heartbeats a resumed run (or the only
     driver of a run-folder study) fails every RUNNING trial, which assumes no other driver is running.
     On resume the interrupted candidates are asked again (``enqueue``)."""
-    from . import study as S
-
     heartbeat = beats(study)
     if heartbeat:
-        from .coordination import fail_stale
-
-        fail_stale(study)
-    if resume or not is_shared(study._storage):
+        adapter.fail_stale(study)
+    if resume or not is_shared(adapter.storage(study)):
         S.resume_interrupted(study, fail_running=not heartbeat, enqueue=enqueue)
 
 
@@ -216,7 +242,7 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, live_trials) -> None:
         self.study, self.live_trials = study, live_trials
-        self.interval = _backend(study).heartbeat_interval if beats(study) else None
+        self.interval = adapter.heartbeat_interval(study)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="tokennas-heartbeat")
 
@@ -224,7 +250,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval / 2):
             for trial in list(self.live_trials()):
                 try:
-                    self.study._storage.record_heartbeat(trial._trial_id)
+                    adapter.record_heartbeat(self.study, trial)
                 except Exception:  # a trial told meanwhile, or a lost connection: the next beat retries
                     pass
 
@@ -241,7 +267,5 @@ class Heartbeat:
 
 def open_run_study(run_dir: Path, settings: Any) -> optuna.Study:
     """The study of a run folder, wherever it lives (for ``report`` and ``export``)."""
-    from . import study as S
-
     return S.open_study(open_storage(settings.storage, run_dir, settings.heartbeat) if settings.storage else run_dir,
                         settings.objective, study_name=settings.study_name)

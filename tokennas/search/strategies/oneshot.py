@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from ..config import config_from_dict
-from ..data import Batches, DataBundle, TensorSplit
-from ..models.supernet import Supernet, build_supernet, load_parent
-from ..train import (
+from ...config import ModelConfig, config_from_dict
+from ...data import Batches, DataBundle, TensorSplit
+from ...flops import count_flops
+from ...models.supernet import Supernet, build_supernet, load_parent
+from ...train import (
     CHECK_EVERY,
     NonFiniteLoss,
     TrainSettings,
@@ -37,15 +38,16 @@ from ..train import (
     restore,
     training_batches,
 )
-from . import cluster
-from . import study as S
+from ..settings import SearchSettings
+from ..stages import Prepared, StageContext, baseline_jobs, make_job, trained_count
+from ..studies.storage import Heartbeat
+from ..tune import cluster
+from ..tune.searcher import BudgetSearcher, RunsSearcher, error_line
+from ..tune.trainable import run_stage, run_trial
 
 DEFAULT_SUPERNET_EPOCHS = 6
 SANDWICH_RANDOM = 2  # random candidates per step, beside the largest and the smallest
-# Scoring costs about a second, so a sampler stuck on repeats (TPE converging on a region whose parameters build a
-# few configs) costs more than the scoring: after this many repeated or over-budget proposals in a row, an untried
-# feasible candidate is scored (the standalone search waits 20, each of its candidates costing minutes).
-STALL = 4
+ONESHOT_SPACES = ("psvit", "hvt", "tokens")  # their candidates are one ViT whose weights slice
 
 
 def supernet_epochs(settings, head_kept: bool) -> int:
@@ -62,22 +64,9 @@ def feasible_configs(prepared) -> list:
     return [prepared.space.build(params, prepared.inputs) for params in prepared.feasible.values()]
 
 
-def check(settings, prepared) -> None:
-    """Everything the strategy needs, before anything is written: the parent loads, fits the data and covers
-    every feasible candidate; a supernet can hold the space."""
-    parent = None
-    if settings.parent:
-        inputs = prepared.inputs
-        parent = load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes)
-    supernet_epochs(settings, parent is None or parent.head_kept)
-    build_supernet(feasible_configs(prepared), parent)  # raises naming what a candidate needs beyond the parent
-
-
 # -- the supernet's training, as a Ray Tune function trainable --
 def ends(configs: list) -> list:
     """The largest and the smallest candidate by MACs: the fixed part of every step's sandwich."""
-    from ..flops import count_flops
-
     flops = [count_flops(c) for c in configs]
     return [configs[flops.index(max(flops))], configs[flops.index(min(flops))]]
 
@@ -149,9 +138,7 @@ def fit_supernet(net: Supernet, configs: list, data: DataBundle, settings: Train
 
 def train_supernet(params: dict[str, Any], data: DataBundle, pool: list[dict[str, Any]]) -> None:
     """Ray Tune function trainable for the supernet: one report and checkpoint per epoch, progress reports inside
-    an epoch, resumable (``driver.run_trial``)."""
-    from .driver import run_trial
-
+    an epoch, resumable (``run_trial``)."""
     def train(resume, on_epoch, on_progress) -> None:
         configs = [config_from_dict(c) for c in pool]
         trunk = config_from_dict(params["config"])
@@ -165,7 +152,7 @@ def train_supernet(params: dict[str, Any], data: DataBundle, pool: list[dict[str
     run_trial(params, train)
 
 
-# -- the strategy, called by the driver --
+# -- the strategy --
 def scoring_batches(data: DataBundle, images: int, img_size: int, device, workers: int = 0) -> Batches:
     """The first ``images`` images of the validation split, in order: every candidate sees the same ones."""
     val = data.val
@@ -179,43 +166,113 @@ def supernet_path(run_dir: Path) -> Path:
     return run_dir / "supernet.pt"
 
 
-def search(settings, prepared, study, runs, run_dir: Path, deadline: float | None, progress: bool) -> None:
-    """The supernet (trained once, kept in the run folder), then scoring until ``--trials`` are scored."""
-    if not supernet_path(run_dir).is_file() and not _supernet(settings, prepared, study, runs, run_dir, deadline,
-                                                                progress):
-        return  # failed or cut off: the failure is recorded, --resume continues it
-    if deadline is None or deadline > time.monotonic():
-        _score(settings, prepared, study, run_dir, deadline, progress)
+def _parent(settings: SearchSettings, prepared: Prepared):
+    inputs = prepared.inputs
+    return load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes) \
+        if settings.parent else None
 
 
-def _supernet(settings, prepared, study, runs, run_dir: Path, deadline, progress) -> bool:
+class OneShot:
+    """``--strategy oneshot``: a supernet trained once (or a ``--parent`` as it is), every candidate scored on its
+    shared weights in process; re-ranking trains the top K from scratch or fine-tunes them from those weights."""
+
+    name = "oneshot"
+    # scoring costs about a second, so a sampler stuck on repeats (TPE converging on a region whose parameters build
+    # a few configs) costs more than the scoring: an untried feasible candidate is scored after 4 misses in a row
+    stall = 4
+    evaluated = "scored"
+    options = ("parent", "supernet_epochs", "finetune_epochs", "score_images")
+
+    def validate(self, settings: SearchSettings) -> None:
+        if settings.space not in ONESHOT_SPACES:
+            raise ValueError(f"invalid --space {settings.space!r} for --strategy oneshot; expected one of: "
+                             f"{', '.join(ONESHOT_SPACES)} (their candidates are one ViT whose weights slice; "
+                             "crossvit, quadtree and stt candidates do not share one trunk)")
+        checks = [
+            (settings.parent is None or Path(settings.parent).is_file(),
+             f"invalid --parent {settings.parent!r}: no such file"),
+            (settings.supernet_epochs is None or settings.supernet_epochs >= 0,
+             f"invalid --supernet-epochs {settings.supernet_epochs}; expected 0 or more"),
+            (settings.finetune_epochs >= 0,
+             f"invalid --finetune-epochs {settings.finetune_epochs}; expected 0 or more"),
+            (settings.score_images >= 1, f"invalid --score-images {settings.score_images}; expected at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def check(self, settings: SearchSettings, prepared: Prepared) -> None:
+        """The parent loads, fits the data and covers every feasible candidate; a supernet can hold the space. A
+        baseline the supernet cannot hold (another patch size, say) is not scored on its weights: it would fail on
+        every seed; the summary says why it is missing."""
+        parent = _parent(settings, prepared)
+        supernet_epochs(settings, parent is None or parent.head_kept)
+        net = build_supernet(feasible_configs(prepared), parent)  # raises naming what a candidate needs
+        if prepared.baseline is not None:
+            try:
+                net.check(prepared.baseline)
+            except ValueError as err:
+                prepared.baseline_note = f"not evaluated: the supernet cannot hold it ({err})"
+                prepared.baseline = None
+
+    def search_stage(self, ctx: StageContext) -> None:
+        """The supernet (trained once, kept in the run folder), then scoring until ``--trials`` are scored."""
+        if not supernet_path(ctx.run_dir).is_file() and not _supernet(ctx):
+            return  # failed or cut off: the failure is recorded, --resume continues it
+        if ctx.time_left():
+            _score(ctx, self.stall)
+
+    def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
+        if not settings.finetune_epochs:
+            return {}
+        try:  # fine-tuning starts from the candidate's weights inherited from the supernet
+            Supernet.load(supernet_path(run_dir)).check(config)
+        except ValueError:
+            return None
+        return {"init": str(supernet_path(run_dir).resolve())}
+
+    def retrain_epochs(self, settings: SearchSettings) -> int:
+        return settings.finetune_epochs or settings.retrain_epochs
+
+    def describe(self, settings: SearchSettings, run_dir: Path) -> list[str]:
+        path = supernet_path(run_dir)
+        if not path.is_file():
+            origin = "not built"
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if state.get("epochs"):
+                origin = (f"trained {state['epochs']} epochs in this run (sandwich rule)"
+                          + (f" from --parent {state['parent']}" if state.get("parent") else " from scratch"))
+            else:
+                origin = f"--parent {state.get('parent')} as it is"
+        start = ("fine-tuned from their inherited weights" if settings.finetune_epochs else "trained from scratch")
+        return [f"- strategy: one-shot; candidates scored on the shared weights of supernet.pt ({origin}), on the "
+                f"first {settings.score_images} validation images, with no training of their own (`scored` in "
+                f"trials.csv); re-ranking runs are {start}"]
+
+
+def _supernet(ctx: StageContext) -> bool:
     from optuna.trial import TrialState
 
-    from .driver import _job, _tune
-
-    inputs = prepared.inputs
-    parent = load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes) \
-        if settings.parent else None
+    settings, prepared, run_dir = ctx.settings, ctx.prepared, ctx.run_dir
+    parent = _parent(settings, prepared)
     configs = feasible_configs(prepared)
     epochs = supernet_epochs(settings, parent is None or parent.head_kept)
     net = build_supernet(configs, parent)
     if epochs == 0:
         net.save(supernet_path(run_dir), parent=settings.parent, epochs=0)
         return True
-    previous = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"]
+    previous = [t for t in ctx.runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"]
     if any("error" in t.user_attrs for t in previous):
         return False  # it failed with an error: reported as such, not trained again
-    job = _job("supernet", "supernet", "supernet", settings.seed, net.config, epochs)
+    # a supernet cut by --time-budget or a killed driver goes on from its last checkpoint
+    job = make_job("supernet", "supernet", "supernet", settings.seed, net.config, epochs, ctx.runs)
     job["parent"] = str(Path(settings.parent).resolve()) if settings.parent else None
     job["score_images"] = settings.score_images
-    cut = [t.user_attrs["checkpoint"] for t in previous if t.state == TrialState.FAIL and "interrupted" in t.user_attrs
-           and Path(t.user_attrs.get("checkpoint", "")).exists()]
-    if cut:
-        job["resume_from"] = cut[-1]  # a supernet cut by --time-budget or a killed driver goes on from there
     cores = cluster.node_cpus(settings.gpus()) or 0  # the whole of a node that has the trial's GPUs
-    _tune(settings, prepared, study, run_dir, "supernet", [job], deadline, progress, trainable=train_supernet,
-          pool=[c.to_dict() for c in configs], cpus=max(settings.cpus_per_trial, cores))
-    done = [t for t in runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"
+    run_stage(ctx, "supernet", RunsSearcher(ctx.study, [job], settings.max_failures), 1, trainable=train_supernet,
+              pool=[c.to_dict() for c in configs], cpus=max(settings.cpus_per_trial, cores))
+    done = [t for t in ctx.runs.get_trials(deepcopy=False) if t.user_attrs.get("stage") == "supernet"
             and t.state == TrialState.COMPLETE and t.user_attrs.get("checkpoint")]
     if not done:
         return False
@@ -224,33 +281,27 @@ def _supernet(settings, prepared, study, runs, run_dir: Path, deadline, progress
     return True
 
 
-def _score(settings, prepared, study, run_dir: Path, deadline, progress: bool) -> None:
+def _score(ctx: StageContext, stall: int) -> None:
     from ray.tune.search import Searcher
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .driver import _trained, baseline_jobs
-    from .searcher import BudgetSearcher, error_line
-    from .storage import Heartbeat
-
-    net = Supernet.load(supernet_path(run_dir)).eval()
+    settings, study = ctx.settings, ctx.study
+    net = Supernet.load(supernet_path(ctx.run_dir)).eval()
     device = torch.device("cuda" if settings.gpus() > 0 else "cpu")
     net.to(device)
-    data = prepared.data
-    val = scoring_batches(data, settings.score_images, settings.img_size, device)
-    runs = S.open_runs(study)
-    jobs = baseline_jobs(settings, prepared, runs)
-    for job in jobs:
-        job["epochs_planned"] = 0  # scored, not trained
-    searcher = BudgetSearcher(study, prepared.space, prepared.inputs, settings.budget, 0, trials=settings.trials,
-                              max_failures=settings.max_failures, feasible=prepared.feasible, jobs=jobs,
-                              seed=settings.seed + len(study.trials), stall=STALL)
-    todo = max(0, settings.trials - _trained(study))
+    val = scoring_batches(ctx.prepared.data, settings.score_images, settings.img_size, device)
+    jobs = baseline_jobs(ctx, 0)  # scored, not trained
+    searcher = BudgetSearcher(study, ctx.prepared.space, ctx.prepared.inputs, settings.budget, 0, stall=stall,
+                              trials=settings.trials, max_failures=settings.max_failures,
+                              feasible=ctx.prepared.feasible, jobs=jobs, seed=settings.seed + len(study.trials))
+    todo = max(0, settings.trials - trained_count(study))
     columns = [TextColumn("scoring on shared weights"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[note]}")]
     best, n = 0.0, 0
-    with Progress(*columns, disable=not progress, transient=False) as bar, Heartbeat(study, searcher.held_trials):
+    with Progress(*columns, disable=not ctx.progress, transient=False) as bar, \
+            Heartbeat(study, searcher.held_trials):
         task = bar.add_task("score", total=todo, note="")
-        while deadline is None or deadline > time.monotonic():
+        while ctx.time_left():
             n += 1
             trial_id = f"score-{n}"
             suggestion = searcher.suggest(trial_id)

@@ -29,9 +29,10 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from ..spaces import Inputs, Space
-from . import coordination
-from . import study as S
+from ...config import config_key
+from ...spaces import Inputs, Space
+from ..studies import adapter, coordination
+from ..studies import study as S
 from .cluster import record_placement
 
 
@@ -47,10 +48,62 @@ def error_line(error: BaseException | str | None) -> str:
     return lines[-1] if lines else "the trial raised an error"
 
 
-class _RunsMixin:
-    """Reference and re-ranking runs: each job is one trial of the runs study."""
+class RunsSearcher(Searcher):
+    """Hands out reference and re-ranking runs (``jobs``), each one trial of the runs study; the search stage's
+    ``BudgetSearcher`` adds the sampler's candidates. ``max_failures`` counts every failed trial of the run, in
+    both studies, so a failure is never counted twice against the limit."""
 
-    runs: optuna.Study
+    def __init__(self, study: optuna.Study, jobs: list[dict[str, Any]] | None = None,
+                 max_failures: int = 1_000_000, max_epochs: int = 0) -> None:
+        super().__init__(metric="val_acc", mode="max")
+        self.study, self.jobs, self.max_failures, self.max_epochs = study, list(jobs or []), max_failures, max_epochs
+        self.runs = S.open_runs(study)
+        self.live: dict[str, optuna.Trial] = {}
+        self.history: dict[str, list[float]] = {}
+        self.jobs_live: dict[str, tuple[optuna.Trial, list[float]]] = {}
+        self.pending_errors: dict[str, tuple[str, optuna.Trial]] = {}  # failed, waiting for the error's text
+        self.infeasible = self.repeats = self.fallbacks = 0
+        self.others: list[int] = []  # runs of our jobs that another driver of a shared study holds
+
+    def failures(self) -> list[optuna.trial.FrozenTrial]:
+        return S.failures(self.study, self.runs)
+
+    def stopped_for_failures(self) -> bool:
+        return len(self.failures()) >= self.max_failures
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.jobs and not self.stopped_for_failures():
+            job = self._start_job(trial_id)
+            if job is not None:
+                return job
+        return self._finished()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Ray pickles its searcher with the experiment state: keep where the studies live, not their handles."""
+        state = dict(self.__dict__)
+        study = state.pop("study")
+        state.pop("runs")
+        state["_study_ref"] = (adapter.storage(study), study.study_name, study.sampler)
+        state["live"] = {k: t.number for k, t in self.live.items()}
+        state["jobs_live"] = {k: (t.number, h) for k, (t, h) in self.jobs_live.items()}
+        state["pending_errors"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        storage, name, sampler = state.pop("_study_ref")
+        self.__dict__.update(state)
+        self.study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
+        self.runs = S.open_runs(self.study)
+        self.live = {k: adapter.handle(self.study, n) for k, n in state["live"].items()}
+        self.jobs_live = {k: (adapter.handle(self.runs, n), h) for k, (n, h) in state["jobs_live"].items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__setstate__(pickle.load(f))
 
     def _start_job(self, trial_id: str) -> dict[str, Any] | None:
         """The next job nobody has run: drivers sharing a study take each job once (the lowest trial wins)."""
@@ -101,7 +154,7 @@ class _RunsMixin:
             run.set_user_attr("history", list(history))
         if error:
             return  # closed by ``fail`` once the error's text is known
-        planned = self.runs._storage.get_trial_user_attrs(run._trial_id)["epochs_planned"]
+        planned = adapter.user_attrs(self.runs, run)["epochs_planned"]
         if not result or "val_acc" not in result or int(result["epoch"]) < planned:
             run.set_user_attr("interrupted", "stopped before its last epoch")
             self.runs.tell(run, state=TrialState.FAIL)
@@ -109,142 +162,6 @@ class _RunsMixin:
         run.set_user_attr("val_acc", float(result["val_acc"]))
         run.set_user_attr("seconds", float(result.get("time_total_s", 0.0)))
         self.runs.tell(run, float(result["val_acc"]))
-
-
-# Over-budget or repeated proposals in a row after which the sampler is handed an untried feasible candidate.
-STALL = 20
-
-
-class BudgetSearcher(_RunsMixin, Searcher):
-    """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits and is new."""
-
-    def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int,
-                 trials: int = 1_000_000, max_failures: int = 1_000_000, feasible: dict[str, dict] | None = None,
-                 jobs: list[dict[str, Any]] | None = None, seed: int = 0, stall: int = STALL) -> None:
-        super().__init__(metric="val_acc", mode="max")
-        self.study, self.space, self.inputs, self.budget = study, space, inputs, budget
-        self.max_epochs, self.trials, self.max_failures = max_epochs, trials, max_failures
-        # canonical config key -> parameters of every distinct feasible candidate, for when the sampler stalls
-        self.feasible = feasible if feasible is not None else space.feasible(budget, inputs)[0]
-        self.jobs = list(jobs or [])
-        self.runs = S.open_runs(study)
-        self.live: dict[str, optuna.Trial] = {}
-        self.history: dict[str, list[float]] = {}
-        self.jobs_live: dict[str, tuple[optuna.Trial, list[float]]] = {}
-        self.pending_errors: dict[str, tuple[str, optuna.Trial]] = {}  # failed, waiting for the error's text
-        self.infeasible = self.repeats = self.fallbacks = 0
-        self.rng, self.stall = random.Random(seed), stall
-        self._next_poll = 0.0
-        self.others: list[int] = []  # runs of our jobs that another driver of a shared study holds
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Ray pickles its searcher with the experiment state: keep where the studies live, not their handles."""
-        state = dict(self.__dict__)
-        study = state.pop("study")
-        state.pop("runs")
-        state["_study_ref"] = (study._storage, study.study_name, study.sampler)
-        state["live"] = {k: t.number for k, t in self.live.items()}
-        state["jobs_live"] = {k: (t.number, h) for k, (t, h) in self.jobs_live.items()}
-        state["pending_errors"] = {}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        storage, name, sampler = state.pop("_study_ref")
-        self.__dict__.update(state)
-        self.study = optuna.load_study(storage=storage, study_name=name, sampler=sampler)
-        self.runs = S.open_runs(self.study)
-
-        def handle(study: optuna.Study, number: int) -> optuna.Trial:
-            return optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
-
-        self.live = {k: handle(self.study, n) for k, n in state["live"].items()}
-        self.jobs_live = {k: (handle(self.runs, n), h) for k, (n, h) in state["jobs_live"].items()}
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__getstate__(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__setstate__(pickle.load(f))
-
-    # -- counts kept by the study, so that failures are replaced and a resumed search continues --
-    def failures(self) -> list[optuna.trial.FrozenTrial]:
-        return S.failures(self.study, self.runs)
-
-    def stopped_for_failures(self) -> bool:
-        return len(self.failures()) >= self.max_failures
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.stopped_for_failures():
-            return self._finished()
-        if self.jobs:
-            job = self._start_job(trial_id)
-            if job is not None:
-                return job
-        if time.monotonic() < self._next_poll:
-            return None
-        coordination.fail_stale(self.study)  # a dead driver's trials (shared RDB studies)
-        trained, training = coordination.counts(self.study)  # over every driver of the study
-        if trained >= self.trials:
-            return self._finished()
-        if trained + training >= self.trials:  # enough in flight; a failure among them will be replaced
-            if training > len(self.live):  # other drivers' trials: poll the shared study once a second
-                self._next_poll = time.monotonic() + 1.0
-                if not (self.live or self.jobs_live):
-                    time.sleep(0.5)  # nothing of ours runs: nothing here to keep responsive
-            return None
-        return self._propose(trial_id)
-
-    def _propose(self, trial_id: str) -> dict[str, Any] | None:
-        from ..flops import count_flops
-
-        misses = 0
-        while True:
-            if misses and misses % self.stall == 0 and self.feasible:
-                self._enqueue_untried()
-            trial = coordination.take_turn(self.study, self.study.ask(), self.trials)
-            if trial is None:  # the other drivers filled the study first
-                return None
-            config = self.space.suggest(trial, self.inputs)
-            flops = count_flops(config)
-            if not S.record_cost(trial, config, flops, self.budget):
-                S.tell_infeasible(self.study, trial, flops)
-                self.infeasible += 1
-                misses += 1
-                continue
-            original = S.find_repeat(self.study, trial)
-            if original is not None:  # samplers re-propose, and many parameter sets build one config
-                S.tell_repeat(self.study, trial, original)
-                self.repeats += 1
-                misses += 1
-                continue
-            coordination.claim(self.study, trial)  # ends this trial's turn
-            self.live[trial_id], self.history[trial_id] = trial, []
-            suggestion = {"config": config.to_dict(), "flops": flops, "number": trial.number, "role": "candidate",
-                          "epochs": self.max_epochs}
-            resume = self._resume_from(trial)
-            if resume:
-                suggestion["resume_from"] = resume
-            return suggestion
-
-    def _enqueue_untried(self) -> None:
-        """The sampler keeps proposing what is over budget or already trained: hand it one untried feasible
-        candidate at random, so a search near the end of a small space still finishes."""
-        seen = {S.config_key(t.user_attrs["config"]) for t in self.study.get_trials(deepcopy=False)
-                if "config" in t.user_attrs and not S.is_infeasible(t)}
-        untried = sorted(set(self.feasible) - seen)
-        if untried:
-            self.study.enqueue_trial(self.feasible[self.rng.choice(untried)], user_attrs={"fallback": True})
-            self.fallbacks += 1
-
-    def _resume_from(self, trial: optuna.Trial) -> str | None:
-        """The last checkpoint of the interrupted trial this one retries, if it is still there."""
-        retry_of = self.study._storage.get_trial_user_attrs(trial._trial_id).get("retry_of")
-        if retry_of is None:
-            return None
-        path = self.study.trials[retry_of].user_attrs.get("checkpoint")
-        return path if path and Path(path).exists() else None
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if "val_acc" not in result or "error" in result or "epoch_progress" in result:  # progress only
@@ -309,24 +226,92 @@ class BudgetSearcher(_RunsMixin, Searcher):
             self.runs.tell(run, state=TrialState.FAIL)
 
 
-class JobSearcher(BudgetSearcher):
-    """Hands out a fixed list of runs (the re-ranking stage), then finishes."""
+class BudgetSearcher(RunsSearcher):
+    """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits and is new. ``stall``: over-budget
+    or repeated proposals in a row after which the sampler is handed an untried feasible candidate (the
+    strategy's ``stall``: it depends on what scoring a candidate costs)."""
 
-    def __init__(self, study: optuna.Study, jobs: list[dict[str, Any]], max_failures: int = 1_000_000) -> None:
-        Searcher.__init__(self, metric="val_acc", mode="max")
-        self.study, self.jobs, self.max_failures, self.max_epochs = study, list(jobs), max_failures, 0
-        self.runs = S.open_runs(study)
-        self.live, self.history, self.jobs_live, self.pending_errors = {}, {}, {}, {}
-        self.infeasible = self.repeats = self.fallbacks = 0
-        self.others = []
+    def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int, *,
+                 stall: int, trials: int = 1_000_000, max_failures: int = 1_000_000,
+                 feasible: dict[str, dict] | None = None, jobs: list[dict[str, Any]] | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(study, jobs, max_failures, max_epochs)
+        self.space, self.inputs, self.budget, self.trials = space, inputs, budget, trials
+        # canonical config key -> parameters of every distinct feasible candidate, for when the sampler stalls
+        self.feasible = feasible if feasible is not None else space.feasible(budget, inputs)[0]
+        self.rng, self.stall = random.Random(seed), stall
+        self._next_poll = 0.0
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.jobs and not self.stopped_for_failures():
+        if self.stopped_for_failures():
+            return self._finished()
+        if self.jobs:
             job = self._start_job(trial_id)
             if job is not None:
                 return job
-        return self._finished()
+        if time.monotonic() < self._next_poll:
+            return None
+        adapter.fail_stale(self.study)  # a dead driver's trials (shared RDB studies)
+        trained, training = coordination.counts(self.study)  # over every driver of the study
+        if trained >= self.trials:
+            return self._finished()
+        if trained + training >= self.trials:  # enough in flight; a failure among them will be replaced
+            if training > len(self.live):  # other drivers' trials: poll the shared study once a second
+                self._next_poll = time.monotonic() + 1.0
+                if not (self.live or self.jobs_live):
+                    time.sleep(0.5)  # nothing of ours runs: nothing here to keep responsive
+            return None
+        return self._propose(trial_id)
 
+    def _propose(self, trial_id: str) -> dict[str, Any] | None:
+        from ...flops import count_flops
+
+        misses = 0
+        while True:
+            if misses and misses % self.stall == 0 and self.feasible:
+                self._enqueue_untried()
+            trial = coordination.take_turn(self.study, self.study.ask(), self.trials)
+            if trial is None:  # the other drivers filled the study first
+                return None
+            config = self.space.suggest(trial, self.inputs)
+            flops = count_flops(config)
+            if not S.record_cost(trial, config, flops, self.budget):
+                S.tell_infeasible(self.study, trial, flops)
+                self.infeasible += 1
+                misses += 1
+                continue
+            original = S.find_repeat(self.study, trial)
+            if original is not None:  # samplers re-propose, and many parameter sets build one config
+                S.tell_repeat(self.study, trial, original)
+                self.repeats += 1
+                misses += 1
+                continue
+            coordination.claim(self.study, trial)  # ends this trial's turn
+            self.live[trial_id], self.history[trial_id] = trial, []
+            suggestion = {"config": config.to_dict(), "flops": flops, "number": trial.number, "role": "candidate",
+                          "epochs": self.max_epochs}
+            resume = self._resume_from(trial)
+            if resume:
+                suggestion["resume_from"] = resume
+            return suggestion
+
+    def _enqueue_untried(self) -> None:
+        """The sampler keeps proposing what is over budget or already trained: hand it one untried feasible
+        candidate at random, so a search near the end of a small space still finishes."""
+        seen = {config_key(t.user_attrs["config"]) for t in self.study.get_trials(deepcopy=False)
+                if "config" in t.user_attrs and not S.is_infeasible(t)}
+        untried = sorted(set(self.feasible) - seen)
+        if untried:
+            self.study.enqueue_trial(self.feasible[self.rng.choice(untried)], user_attrs={"fallback": True})
+            self.fallbacks += 1
+
+    def _resume_from(self, trial: optuna.Trial) -> str | None:
+        """The last checkpoint of the interrupted trial this one retries, if it is still there."""
+        retry_of = adapter.user_attrs(self.study, trial).get("retry_of")
+        if retry_of is None:
+            return None
+        path = self.study.trials[retry_of].user_attrs.get("checkpoint")
+        return path if path and Path(path).exists() else None
 
 class TrialEvents(Callback):
     """Hands the searcher what only Ray's callbacks see: a failed trial's error, a trial's checkpoint path."""

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ..flops import format_flops
+from ...flops import format_flops
 
 
 class LiveTable(Callback):

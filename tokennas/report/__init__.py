@@ -1,0 +1,46 @@
+"""Reports rebuilt from the stored study: trials.csv, retrain.csv, ranking.csv, best/, pareto.png, report.html,
+summary.md.
+
+Every file is written to a temporary name and renamed into place, so a report is never half there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..search.settings import load_settings
+from ..search.strategies import get_strategy
+from ..search.studies import study as S
+from ..search.studies.storage import open_run_study
+from .export import export_best
+from .page import write_html
+from .plots import plot_pareto, write_mosaic
+from .summary import summary_markdown
+from .tables import final_ranking, retrain_table, trial_table
+from .write import write_text
+
+
+def write_reports(run_dir: Path) -> None:
+    """Rebuild every report in ``run_dir`` from its stored studies."""
+    settings = load_settings(run_dir)
+    strategy = get_strategy(settings.strategy)
+    study = open_run_study(run_dir, settings)  # the study may live on a shared server
+    runs = S.open_runs(study)
+    frame = trial_table(study, runs)
+    retrained = retrain_table(runs)
+    epochs = strategy.retrain_epochs(settings)
+    ranking = final_ranking(frame, retrained, settings.objective, epochs)
+    for name, table in (("trials.csv", frame), ("retrain.csv", retrained), ("ranking.csv", ranking)):
+        tmp = run_dir / f".{name}.tmp"
+        table.to_csv(tmp, index=False)
+        tmp.replace(run_dir / name)
+    best = export_best(study, settings.objective, settings.top, run_dir / "best", epochs)
+    plot_pareto(frame, settings.budget, run_dir / "pareto.png", ranking)
+    mosaic = run_dir / "mosaic.png" if write_mosaic(settings, study, frame, run_dir / "mosaic.png") else None
+    baseline = study.user_attrs.get("baseline", {"config": None, "note": "not recorded"})
+    summary = summary_markdown(settings, frame, ranking, best, baseline, strategy.describe(settings, run_dir),
+                               strategy.evaluated, epochs, study.user_attrs.get("stages", {}))
+    write_html(study, frame, settings.objective, settings.budget,
+               f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html", mosaic,
+               ranking, summary)
+    write_text(run_dir / "summary.md", summary)

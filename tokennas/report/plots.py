@@ -1,0 +1,213 @@
+"""The report's figures: the Pareto picture (matplotlib) and the HTML page's plotly figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from ..config import config_from_dict
+from ..flops import format_flops
+from ..search.studies import study as S
+from .tables import pareto_mask, ranked
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from plotly.graph_objects import Figure as PlotlyFigure
+
+
+# proposals with no accuracy, each kind drawn on a row of its own below the accuracy axis, never at accuracy 0
+NOT_TRAINED = {"INFEASIBLE": ("over budget, not trained", "#d62728"),
+               "REPEAT": ("repeated config, not trained", "#9467bd"),
+               "FAIL": ("failed", "#000000"), "INTERRUPTED": ("interrupted", "#8c564b"),
+               "WITHDRAWN": ("withdrawn (another driver's turn)", "#bcbd22")}
+
+
+def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None = None) -> Figure:
+    """Feasible trials, the Pareto front, the budget line, the baseline and the re-ranked candidates (mean and
+    spread over seeds); the over-budget proposals, which have no accuracy, as ticks on a strip underneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    candidates, baseline = frame[frame["role"] == "candidate"], frame[frame["role"] == "baseline"]
+    done = candidates[candidates["state"] == "COMPLETE"]
+    pruned = candidates[(candidates["state"] == "PRUNED") & candidates["val_acc"].notna()]
+    infeasible = candidates[candidates["state"] == "INFEASIBLE"]
+    if len(infeasible):
+        fig, (ax, strip) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.2), dpi=120,
+                                        gridspec_kw={"height_ratios": [7, 1]})
+        strip.scatter(infeasible["flops"], [0] * len(infeasible), marker="|", s=300,
+                      color=NOT_TRAINED["INFEASIBLE"][1], alpha=0.6)
+        strip.axvline(budget, color="black", ls="--", lw=1)
+        strip.set_yticks([])
+        strip.set_ylabel(f"over budget,\nnot trained ({len(infeasible)})", rotation=0, ha="right", va="center",
+                         fontsize=8)
+        strip.set_xlabel("FLOPs (multiply-accumulates per image)")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        ax.set_xlabel("FLOPs (multiply-accumulates per image)")
+    if len(pruned):
+        ax.scatter(pruned["flops"], pruned["val_acc"], color="tab:gray", alpha=0.6, label="stopped early (ASHA)")
+    if len(done):
+        front = done[pareto_mask(done)].sort_values("flops")
+        shared = "scored" in done and (done["scored"] == "shared weights").all()
+        ax.scatter(done["flops"], done["val_acc"], color="tab:blue",
+                   label="scored on shared weights" if shared else "trained")
+        ax.step(front["flops"], front["val_acc"], where="post", color="tab:orange", lw=2, label="Pareto front")
+        ax.scatter(front["flops"], front["val_acc"], color="tab:orange", zorder=3)
+    base = baseline[baseline["val_acc"].notna()]
+    if len(base):
+        shared = "scored" in base and (base["scored"] == "shared weights").all()
+        ax.scatter(base["flops"], base["val_acc"], marker="*", s=160, color="tab:green", zorder=4,
+                   label="uniform baseline (" + ("on shared weights" if shared else "search fidelity") + ")")
+    again = ranking[ranking["retrained"]] if ranking is not None and len(ranking) else None
+    if again is not None and len(again):
+        for role, color, label in (("candidate", "tab:purple", "re-ranked: mean ± sd"),
+                                   ("baseline", "tab:green", "baseline re-trained: mean ± sd")):
+            part = again[again["role"] == role]
+            if len(part):
+                ax.errorbar(part["flops"], part["val_acc_mean"], yerr=part["val_acc_std"].fillna(0), fmt="D",
+                            color=color, mfc="white", capsize=3, zorder=5, label=label)
+    ax.axvline(budget, color="black", ls="--", lw=1, label=f"budget {format_flops(budget)}")
+    ax.set_xscale("log")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(frame: pd.DataFrame, budget: int, path: Path, ranking: pd.DataFrame | None = None) -> None:
+    """``pareto_figure`` saved as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(frame, budget, ranking)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _with_strip(frame: pd.DataFrame, states: list[str]) -> tuple[PlotlyFigure, pd.DataFrame]:
+    """A figure with the accuracy axis on row 1 and, if any proposal of ``states`` exists, a row under it for
+    them: they were never trained, so they have no accuracy to be drawn at."""
+    from plotly.subplots import make_subplots
+
+    apart = frame[(frame["role"] == "candidate") & frame["state"].isin(states)]
+    if apart.empty:
+        return make_subplots(rows=1, cols=1), apart
+    return make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.85, 0.15], vertical_spacing=0.03), apart
+
+
+def _draw_apart(figure: PlotlyFigure, apart: pd.DataFrame, x: str) -> None:
+    """Each kind of untrained proposal as tick marks on its own line of the lower row, with its legend entry."""
+    for state, part in apart.groupby("state", sort=False):
+        label, color = NOT_TRAINED[state]
+        figure.add_scatter(x=part[x], y=[label] * len(part), mode="markers", name=f"{label} ({len(part)})",
+                           marker=dict(symbol="line-ns-open", size=14, color=color),
+                           text=[f"trial {n}" for n in part["number"]], row=2, col=1)
+    if len(apart):
+        figure.update_yaxes(type="category", showgrid=False, row=2, col=1)
+
+
+def history_figure(frame: pd.DataFrame) -> PlotlyFigure | str:
+    """Accuracy by trial number and the best so far; the proposals never trained on a row of their own."""
+    candidates = frame[frame["role"] == "candidate"].sort_values("number")
+    if candidates.empty:
+        return "not available: no candidate was proposed"
+    figure, apart = _with_strip(candidates, list(NOT_TRAINED))
+    done = candidates[(candidates["state"] == "COMPLETE") & candidates["val_acc"].notna()]
+    stopped = candidates[(candidates["state"] == "PRUNED") & candidates["val_acc"].notna()]
+    figure.add_scatter(x=done["number"], y=done["val_acc"], mode="markers", name="completed",
+                       marker_color="#1f77b4", row=1, col=1)
+    if len(stopped):
+        figure.add_scatter(x=stopped["number"], y=stopped["val_acc"], mode="markers", name="stopped early",
+                           marker_color="#7f7f7f", row=1, col=1)
+    figure.add_scatter(x=done["number"], y=done["val_acc"].cummax(), mode="lines", line_shape="hv",
+                       name="best so far", line_color="#ff7f0e", row=1, col=1)
+    _draw_apart(figure, apart, "number")
+    figure.update_yaxes(title_text="validation accuracy", row=1, col=1)
+    figure.update_xaxes(title_text="trial", row=2 if len(apart) else 1, col=1)
+    return figure
+
+
+def figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int) -> list[tuple[str, object]]:
+    """Plotly figures for the HTML report, each (title, figure or an explanation string)."""
+    import plotly.graph_objects as go
+    from optuna.importance import FanovaImportanceEvaluator
+    from optuna.visualization import plot_param_importances
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials" is said in the page itself
+    figures: list[tuple[str, object]] = []
+    done = frame[(frame["state"] == "COMPLETE") & (frame["role"] == "candidate")]
+    scatter, apart = _with_strip(frame, ["INFEASIBLE"])
+    for state, color in (("COMPLETE", "#1f77b4"), ("PRUNED", "#7f7f7f")):
+        part = frame[(frame["state"] == state) & frame["val_acc"].notna() & (frame["role"] == "candidate")]
+        scatter.add_scatter(x=part["flops"], y=part["val_acc"], mode="markers", name=state.lower(),
+                            marker_color=color, text=[f"trial {n}" for n in part["number"]], row=1, col=1)
+    if len(done):
+        front = done[pareto_mask(done)].sort_values("flops")
+        scatter.add_scatter(x=front["flops"], y=front["val_acc"], mode="lines+markers", name="Pareto front",
+                            line_shape="hv", marker_color="#ff7f0e", row=1, col=1)
+    base = frame[(frame["role"] == "baseline") & frame["val_acc"].notna()]
+    if len(base):
+        scatter.add_scatter(x=base["flops"], y=base["val_acc"], mode="markers", name="uniform baseline",
+                            marker_symbol="star", marker_size=14, marker_color="#2ca02c", row=1, col=1)
+    _draw_apart(scatter, apart, "flops")
+    scatter.add_vline(x=budget, line_dash="dash", annotation_text=f"budget {format_flops(budget)}", row=1, col=1)
+    if len(apart):  # the line again through the strip, to show which side of it the proposals fell
+        scatter.add_vline(x=budget, line_dash="dash", row=2, col=1)
+    scatter.update_xaxes(type="log")
+    scatter.update_xaxes(title_text="FLOPs (MACs)", row=2 if len(apart) else 1, col=1)
+    scatter.update_yaxes(title_text="validation accuracy", row=1, col=1)
+    figures.append(("Accuracy against FLOPs", scatter))
+    # our own history: Optuna's would draw the over-budget proposals, told to it as value 0, at accuracy 0
+    figures.append(("Optimisation history", history_figure(frame)))
+    feasible = [t for t in study.trials if t.state == TrialState.COMPLETE and S.trained(t)]
+    try:  # importances over trained candidates only: over-budget ones would only explain the budget
+        only = optuna.create_study(directions=study.directions)
+        only.add_trials(feasible)
+        figures.append(("Parameter importances (trained candidates)",
+                        plot_param_importances(only, evaluator=FanovaImportanceEvaluator(seed=0),
+                                               target=lambda t: t.values[0], target_name="val_acc")))
+    except (ValueError, RuntimeError, ZeroDivisionError, ImportError) as err:
+        figures.append(("Parameter importances", f"not available with {len(feasible)} trained candidates: {err}"))
+
+    schedule = go.Figure()
+    trials = {t.number: t for t in study.trials}
+    for number in ranked(frame, objective).query("pareto")["number"] if len(done) else []:
+        config = config_from_dict(trials[number].user_attrs["config"])
+        for stream, tokens in config.tokens_per_block().items():
+            label = f"trial {number}" + (f" ({stream})" if len(config.tokens_per_block()) > 1 else "")
+            schedule.add_scatter(x=list(range(len(tokens))), y=list(tokens), mode="lines+markers", name=label,
+                                 line_shape="hv")
+    schedule.update_layout(xaxis_title="block", yaxis_title="tokens", yaxis_type="log")
+    figures.append(("Tokens per block of each Pareto config", schedule))
+    return figures
+
+
+def write_mosaic(settings, study: optuna.Study, frame: pd.DataFrame, path: Path) -> bool:
+    """For a quadtree search: the best config's mosaic over a few validation images. False if not applicable."""
+    best = ranked(frame, settings.objective).head(1)
+    if best.empty:
+        return False
+    config = config_from_dict(study.trials[int(best["number"].iloc[0])].user_attrs["config"])
+    if config.family != "quadformer":
+        return False
+    import torch
+
+    from ..data import TensorSplit, load_data
+    from ..models.quadtree import draw_mosaic
+
+    data = load_data(settings.dataset, settings.data_dir, settings.img_size, settings.train_subset, seed=settings.seed)
+    val = data.val
+    images = val.images[:8] if isinstance(val, TensorSplit) else torch.stack([val[i][0] for i in range(8)])
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    draw_mosaic(config, images, tmp)
+    tmp.replace(path)
+    return True

@@ -1,0 +1,166 @@
+"""The run's tables, rebuilt from the stored studies: every trial, every re-ranking run, the final ranking."""
+
+from __future__ import annotations
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from ..search.studies import study as S
+
+
+def _state(t) -> str:
+    if S.is_infeasible(t):
+        return "INFEASIBLE"
+    if S.is_repeat(t):
+        return "REPEAT"
+    if t.state == TrialState.FAIL and "interrupted" in t.user_attrs:
+        return "INTERRUPTED"
+    if t.user_attrs.get("withdrawn"):  # another driver of a shared study took its turn first
+        return "WITHDRAWN"
+    return t.state.name
+
+
+def _reason(t) -> str | None:
+    if "error" in t.user_attrs:
+        return t.user_attrs["error"]
+    if "interrupted" in t.user_attrs and t.state == TrialState.FAIL:
+        return f"interrupted: {t.user_attrs['interrupted']}"
+    return None
+
+
+def _scored(t) -> str | None:
+    """How a trial's accuracy was obtained: on a supernet's shared weights (one-shot) or by training."""
+    if t.user_attrs.get("val_acc") is None:
+        return None
+    return "shared weights" if t.user_attrs.get("shared") else "trained"
+
+
+def _seconds(t) -> float | None:
+    seconds = t.user_attrs.get("seconds")
+    if seconds is None and t.datetime_complete and t.datetime_start:
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+    return seconds
+
+
+def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.DataFrame:
+    """One row per trial of the search stage. ``state`` is Optuna's, except over-budget proposals
+    (INFEASIBLE), proposals of an already trained config (REPEAT, ``repeat_of`` names it) and trials cut off
+    before their last epoch (INTERRUPTED, asked again on ``--resume``). ``error`` says why a trial failed.
+    The uniform baseline's reference run, when given ``runs``, is the row with ``role`` baseline."""
+    rows = []
+    for t in study.trials:
+        rows.append({"number": t.number, "role": "candidate", "state": _state(t), "flops": t.user_attrs.get("flops"),
+                     "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
+                     "epochs": t.user_attrs.get("epochs", 0), "seconds": _seconds(t),
+                     "repeat_of": t.user_attrs.get("repeat_of"), "error": _reason(t), "node": t.user_attrs.get("node"),
+                     "scored": _scored(t), **{f"param_{k}": v for k, v in t.params.items()}})
+    for t in _runs(runs, "search"):
+        rows.append({"number": None, "role": "baseline", "state": _state(t), "flops": t.user_attrs.get("flops"),
+                     "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
+                     "epochs": len(t.user_attrs.get("history", [])), "seconds": _seconds(t), "repeat_of": None,
+                     "error": _reason(t), "node": t.user_attrs.get("node"), "scored": _scored(t)})
+    columns = ["number", "role", "state", "flops", "params", "val_acc", "epochs", "seconds", "repeat_of", "error",
+               "node", "scored"]
+    frame = pd.DataFrame(rows, columns=None if rows else columns)
+    frame["number"] = frame["number"].astype("Int64")
+    frame["repeat_of"] = frame["repeat_of"].astype("Int64")
+    params = [c for c in frame.columns if c.startswith("param_")]
+    frame[params] = frame[params].convert_dtypes()  # the baseline row has no parameters: keep 96, not 96.0
+    return frame
+
+
+def _runs(runs: optuna.Study | None, stage: str) -> list:
+    """The runs of a stage; a run withdrawn because another driver of a shared study took it is not one."""
+    return [t for t in (runs.trials if runs is not None else [])
+            if t.user_attrs.get("stage") == stage and not t.user_attrs.get("withdrawn")]
+
+
+def retrain_table(runs: optuna.Study) -> pd.DataFrame:
+    """One row per re-ranking run: which candidate (a trial number, or baseline), which seed, how many epochs were
+    planned and trained, its outcome."""
+    rows = [{"source": t.user_attrs.get("source"), "role": t.user_attrs.get("role"), "seed": t.user_attrs.get("seed"),
+             "state": _state(t), "flops": t.user_attrs.get("flops"), "params": t.user_attrs.get("params"),
+             "val_acc": t.user_attrs.get("val_acc"), "epochs_planned": t.user_attrs.get("epochs_planned"),
+             "epochs": len(t.user_attrs.get("history", [])), "seconds": _seconds(t), "error": _reason(t),
+             "node": t.user_attrs.get("node"), "start": "supernet weights" if t.user_attrs.get("init") else "scratch"}
+            for t in _runs(runs, "retrain")]
+    return pd.DataFrame(rows, columns=["source", "role", "seed", "state", "flops", "params", "val_acc",
+                                       "epochs_planned", "epochs", "seconds", "error", "node", "start"])
+
+
+def pareto_mask(frame: pd.DataFrame, acc: str = "val_acc") -> pd.Series:
+    """Non-dominated rows: no other row has at least the accuracy at no more FLOPs, and better in one."""
+    accs, flops = frame[acc].to_numpy(dtype=float), frame["flops"].to_numpy(dtype=float)
+    return pd.Series([not ((accs >= a) & (flops <= f) & ((accs > a) | (flops < f))).any()
+                      for a, f in zip(accs, flops, strict=True)], index=frame.index)
+
+
+def ranked(frame: pd.DataFrame, objective: str) -> pd.DataFrame:
+    """Feasible fully trained candidates, best first: by accuracy, or the Pareto front first in Pareto mode."""
+    done = frame[(frame["state"] == "COMPLETE") & (frame["role"] == "candidate")].copy()
+    if done.empty:
+        return done
+    done["pareto"] = pareto_mask(done)
+    if objective == "pareto":
+        return done.sort_values(["pareto", "val_acc", "flops"], ascending=[False, False, True])
+    return done.sort_values(["val_acc", "flops"], ascending=[False, True])
+
+
+def _seeds(values: pd.Series) -> str:
+    return " ".join(str(int(v)) for v in sorted(values))
+
+
+def final_ranking(frame: pd.DataFrame, retrained: pd.DataFrame, objective: str,
+                  epochs: int | None = None) -> pd.DataFrame:
+    """The search's candidates re-ranked by their mean validation accuracy over the re-ranking seeds.
+
+    Only complete runs of ``epochs`` epochs count (the length the run's settings ask for; None: the longest
+    present), so runs of different lengths are never averaged. Retrained candidates come first (by mean, or by the
+    front of mean accuracy against FLOPs in Pareto mode, among candidates: the baseline is a reference, never
+    part of the front); the rest follow in the search's order. Every row says what its figures rest on: the search's
+    epochs, and the re-ranking runs' epochs, seed count and seeds, read from the runs themselves."""
+    search = ranked(frame, objective)
+    done = retrained[retrained["state"] == "COMPLETE"]
+    if epochs is None and len(done):
+        epochs = int(done["epochs"].max())
+    done = done[done["epochs"] == epochs]
+    stats = done.groupby("source").agg(mean=("val_acc", "mean"), std=("val_acc", "std"), count=("val_acc", "size"),
+                                       seed_list=("seed", _seeds))
+    base_search = frame[(frame["role"] == "baseline") & (frame["state"] == "COMPLETE")]
+    rows = []
+    for row in search.itertuples():
+        rows.append(_ranking_row("candidate", int(row.number), row, row.val_acc, row.epochs, stats, epochs))
+    if "baseline" in stats.index or len(base_search):
+        base = done[done["source"] == "baseline"].iloc[0] if "baseline" in stats.index else base_search.iloc[0]
+        acc, searched = (base_search["val_acc"].iloc[0], base_search["epochs"].iloc[0]) if len(base_search) \
+            else (None, None)
+        rows.append(_ranking_row("baseline", "baseline", base, acc, searched, stats, epochs))
+    columns = ["number", "role", "flops", "params", "search_val_acc", "search_epochs", "val_acc_mean", "val_acc_std",
+               "seeds", "seed_list", "retrain_epochs"]
+    table = pd.DataFrame(rows, columns=columns)
+    if table.empty:
+        return table.assign(retrained=pd.Series(dtype=bool), score=pd.Series(dtype=float))
+    table["number"] = table["number"].astype("Int64")
+    table["retrained"] = table["seeds"] > 0
+    table["score"] = table["val_acc_mean"].where(table["retrained"], table["search_val_acc"]).astype(float)
+    if objective == "pareto":
+        table["pareto"] = False
+        front = table["retrained"] & (table["role"] == "candidate")
+        if front.any():
+            table.loc[front, "pareto"] = pareto_mask(table[front], "score").astype(bool)
+        keys, ascending = ["retrained", "pareto", "score", "flops"], [False, False, False, True]
+    else:
+        keys, ascending = ["retrained", "score", "flops"], [False, False, True]
+    return table.sort_values(keys, ascending=ascending).reset_index(drop=True)
+
+
+def _ranking_row(role: str, key, row, search_acc, search_epochs, stats: pd.DataFrame, epochs) -> dict:
+    row_of = {"number": key if role == "candidate" else None, "role": role, "flops": row.flops,
+              "params": row.params, "search_val_acc": search_acc, "search_epochs": search_epochs}
+    if key not in stats.index:
+        return {**row_of, "val_acc_mean": None, "val_acc_std": None, "seeds": 0, "seed_list": "",
+                "retrain_epochs": None}
+    have = stats.loc[key]
+    return {**row_of, "val_acc_mean": have["mean"], "val_acc_std": have["std"], "seeds": int(have["count"]),
+            "seed_list": have["seed_list"], "retrain_epochs": epochs}
