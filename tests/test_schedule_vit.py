@@ -54,7 +54,7 @@ def random_config(rng: random.Random) -> ScheduleViTConfig:
 
 def test_analytic_matches_fvcore_on_random_configs():
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(100):  # 100 keeps make test in its time
         config = random_config(rng)
         analytic = flops_by_module(config, "analytic")
         traced = flops_by_module(config, "fvcore")
