@@ -257,3 +257,20 @@ def test_a_oneshot_baseline_the_parent_cannot_hold_is_not_failed_on_every_seed(t
     summary = (run_dir / "summary.md").read_text()
     assert "Uniform DeiT-style baseline: not evaluated: the supernet cannot hold it" in summary
     assert json.loads(json.dumps(frame["state"].value_counts().to_dict()))["COMPLETE"] == 3
+
+
+def test_a_rerank_run_of_another_length_is_not_taken_for_a_done_one(tmp_path):
+    """After `--resume --retrain-epochs 3`, the 1-epoch run of the same candidate and seed is another job: the
+    shared-study check must not withdraw the new run as already done."""
+    from tokennas.search.studies import coordination as C
+
+    runs = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="tokennas-runs")
+    runs.add_trial(run(3, 1, 0.5, 1))
+    again = runs.ask()
+    for key, value in {"stage": "retrain", "source": 3, "seed": 1, "epochs_planned": 3}.items():
+        again.set_user_attr(key, value)
+    assert C.job_taken(runs, again) is None
+    same = runs.ask()
+    for key, value in {"stage": "retrain", "source": 3, "seed": 1, "epochs_planned": 1}.items():
+        same.set_user_attr(key, value)
+    assert C.job_taken(runs, same) == 0  # the same length is the same job

@@ -183,11 +183,17 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
 TRAIN_OUTPUTS = ("metrics.json", "history.csv", "checkpoint.pt")  # what `tokennas train` writes into --out
 
 
-def check_out(out: Path) -> None:
-    """``tokennas train --out``: a folder path, made or not, that holds no earlier run's outputs (never replaced)."""
+def check_folder_path(out: Path) -> Path:
+    """An ``--out`` that can be a folder: no existing file on its path. Returns the nearest existing folder."""
     above = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not above.is_dir():
-        raise ValueError(f"invalid --out {str(out)!r}: {str(above)!r} is a file; expected a folder")
+        raise ValueError(f"invalid --out {str(out)!r}: {str(above)!r} is a file; expected a folder path")
+    return above
+
+
+def check_out(out: Path) -> None:
+    """``tokennas train --out``: a folder path, made or not, that holds no earlier run's outputs (never replaced)."""
+    above = check_folder_path(out)
     if not os.access(above, os.W_OK):
         raise ValueError(f"invalid --out {str(out)!r}: {str(above)!r} is not writable")
     earlier = [name for name in TRAIN_OUTPUTS if (out / name).exists()]

@@ -12,6 +12,7 @@ from ..search.settings import load_settings
 from ..search.strategies import get_strategy
 from ..search.studies import study as S
 from ..search.studies.storage import open_run_study
+from ..train import write_atomic
 from .export import export_best
 from .page import write_html
 from .plots import plot_pareto, write_mosaic
@@ -31,9 +32,7 @@ def write_reports(run_dir: Path) -> None:
     epochs = strategy.retrain_epochs(settings)
     ranking = final_ranking(frame, retrained, settings.objective, epochs)
     for name, table in (("trials.csv", frame), ("retrain.csv", retrained), ("ranking.csv", ranking)):
-        tmp = run_dir / f".{name}.tmp"
-        table.to_csv(tmp, index=False)
-        tmp.replace(run_dir / name)
+        write_atomic(run_dir / name, lambda tmp, t=table: t.to_csv(tmp, index=False))
     best = export_best(study, settings.objective, settings.top, run_dir / "best", epochs)
     plot_pareto(frame, settings.budget, run_dir / "pareto.png", ranking)
     mosaic = run_dir / "mosaic.png" if write_mosaic(settings, study, frame, run_dir / "mosaic.png") else None

@@ -9,6 +9,7 @@ import optuna
 from ..config import config_from_dict, save_config
 from ..flops import format_flops
 from ..search.studies import study as S
+from ..train import write_atomic
 from .tables import final_ranking, retrain_table, trial_table
 from .write import write_text
 
@@ -47,10 +48,7 @@ def write_export(entries: list[tuple[str, dict]], out: Path) -> list[Path]:
     write_text(marker, "\n".join(sorted(previous | set(names))) + "\n")
     paths = []
     for name, config in entries:
-        tmp = out / f".{name}.tmp"
-        save_config(config_from_dict(config), tmp)
-        tmp.replace(out / name)
-        paths.append(out / name)
+        paths.append(write_atomic(out / name, lambda tmp, c=config: save_config(config_from_dict(c), tmp)))
     for name in previous - set(names):
         if (out / name).is_file():
             (out / name).unlink()

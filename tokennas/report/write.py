@@ -1,11 +1,11 @@
-"""Atomic writes: every report file appears whole or not at all."""
+"""Atomic writes: every report file appears whole or not at all (``train.write_atomic``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..train import write_atomic
+
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -35,9 +35,10 @@ from ..flops import count_flops, format_flops
 from ..report import write_reports
 from ..report.tables import ranked, trial_table
 from ..spaces import Inputs
+from ..train import check_folder_path
 from . import strategies
 from .settings import SearchSettings, load_settings, parse_duration, save_settings
-from .stages import Prepared, StageContext, has_run, job_key, make_job, trained_count
+from .stages import Prepared, StageContext, has_run, make_job, trained_count
 from .studies import study as S
 from .studies.storage import check_compatible, is_shared, open_storage, recover_lost_trials, redact
 from .tune import cluster
@@ -81,9 +82,7 @@ def prepare(settings: SearchSettings) -> Prepared:
 
 def new_run_dir(settings: SearchSettings, out: Path | None) -> Path:
     run_dir = out or Path("results") / f"{settings.space}-{time.strftime('%Y%m%d-%H%M%S')}"
-    above = next((p for p in run_dir.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ValueError(f"invalid --out {str(run_dir)!r}: {str(above)!r} is a file; expected a folder path")
+    check_folder_path(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ValueError(f"--out {str(run_dir)!r} already holds files; use --resume {run_dir} or another --out")
     return run_dir
@@ -225,7 +224,7 @@ def _needs_search(ctx: StageContext) -> bool:
     if _stopped(ctx):
         return False
     baseline = ctx.prepared.baseline
-    epochs = ctx.settings.epochs if strategies.get_strategy(ctx.settings.strategy).evaluated == "trained" else 0
+    epochs = strategies.get_strategy(ctx.settings.strategy).search_epochs(ctx.settings)
     return trained_count(ctx.study) < ctx.settings.trials or (
         baseline is not None and not has_run(ctx.runs, make_job("baseline", "search", "baseline", ctx.settings.seed,
                                                                   baseline, epochs)))
@@ -275,9 +274,9 @@ def retrain_jobs(ctx: StageContext, strategy) -> tuple[list[dict[str, Any]], lis
 
 def _retrain_status(ctx: StageContext, strategy, skipped: list[str]) -> dict[str, Any]:
     plan, _ = retrain_plan(ctx, strategy)
-    states = {job_key(t.user_attrs): t.state.name for t in ctx.runs.get_trials(deepcopy=False)
+    states = {S.job_key(t.user_attrs): t.state.name for t in ctx.runs.get_trials(deepcopy=False)
               if t.user_attrs.get("stage") == "retrain" and (t.state.name == "COMPLETE" or "error" in t.user_attrs)}
-    outcome = [states.get(job_key(j), "MISSING") for j in plan]
+    outcome = [states.get(S.job_key(j), "MISSING") for j in plan]
     complete, failed = outcome.count("COMPLETE"), outcome.count("FAIL")
     note = f"{complete} of {len(plan)} runs complete"
     if failed:

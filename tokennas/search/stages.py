@@ -22,8 +22,6 @@ from ..spaces import Inputs
 from .settings import SearchSettings
 from .studies import study as S
 
-JOB_KEY = ("stage", "source", "seed", "epochs_planned")
-
 
 @dataclasses.dataclass
 class Prepared:
@@ -57,23 +55,19 @@ def trained_count(study: optuna.Study) -> int:
     return sum(S.trained(t) for t in study.get_trials(deepcopy=False))
 
 
-def job_key(attrs: dict[str, Any]) -> tuple:
-    return tuple(attrs.get(k) for k in JOB_KEY)
-
-
 def has_run(runs: optuna.Study, job: dict[str, Any]) -> bool:
     """The job finished, or failed with an error (an interrupted run is run again)."""
-    key = job_key(job)
-    return any(job_key(t.user_attrs) == key and (t.state == TrialState.COMPLETE or "error" in t.user_attrs)
+    key = S.job_key(job)
+    return any(S.job_key(t.user_attrs) == key and (t.state == TrialState.COMPLETE or "error" in t.user_attrs)
                for t in runs.get_trials(deepcopy=False))
 
 
 def resume_point(runs: optuna.Study, job: dict[str, Any]) -> str | None:
     """The last checkpoint of an interrupted run of this job (a killed driver, --time-budget), if it is still
     there: the job goes on from it instead of from epoch 0."""
-    key = job_key(job)
+    key = S.job_key(job)
     cut = [t.user_attrs["checkpoint"] for t in runs.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-           if job_key(t.user_attrs) == key and "interrupted" in t.user_attrs
+           if S.job_key(t.user_attrs) == key and "interrupted" in t.user_attrs
            and Path(t.user_attrs.get("checkpoint", "")).exists()]
     return cut[-1] if cut else None
 

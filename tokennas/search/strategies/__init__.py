@@ -36,6 +36,9 @@ class Strategy(Protocol):
         """Extra keys of a re-ranking job for ``config`` (e.g. the weights it starts from); None: it cannot be
         re-ranked this way (the summary says so)."""
 
+    def search_epochs(self, settings: SearchSettings) -> int:
+        """Epochs a candidate (and the baseline) is trained for in the search stage; 0 when it is only scored."""
+
     def retrain_epochs(self, settings: SearchSettings) -> int:
         """Epochs of each re-ranking run."""
 

@@ -220,7 +220,7 @@ class OneShot:
         if not supernet_path(ctx.run_dir).is_file() and not _supernet(ctx):
             return  # failed or cut off: the failure is recorded, --resume continues it
         if ctx.time_left():
-            _score(ctx, self.stall)
+            _score(ctx, self.stall, self.search_epochs(ctx.settings))
 
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
         if not settings.finetune_epochs:
@@ -230,6 +230,9 @@ class OneShot:
         except ValueError:
             return None
         return {"init": str(supernet_path(run_dir).resolve())}
+
+    def search_epochs(self, settings: SearchSettings) -> int:
+        return 0  # scored on shared weights, not trained
 
     def retrain_epochs(self, settings: SearchSettings) -> int:
         return settings.finetune_epochs or settings.retrain_epochs
@@ -281,7 +284,7 @@ def _supernet(ctx: StageContext) -> bool:
     return True
 
 
-def _score(ctx: StageContext, stall: int) -> None:
+def _score(ctx: StageContext, stall: int, epochs: int) -> None:
     from ray.tune.search import Searcher
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -290,7 +293,7 @@ def _score(ctx: StageContext, stall: int) -> None:
     device = torch.device("cuda" if settings.gpus() > 0 else "cpu")
     net.to(device)
     val = scoring_batches(ctx.prepared.data, settings.score_images, settings.img_size, device)
-    jobs = baseline_jobs(ctx, 0)  # scored, not trained
+    jobs = baseline_jobs(ctx, epochs)
     searcher = BudgetSearcher(study, ctx.prepared.space, ctx.prepared.inputs, settings.budget, 0, stall=stall,
                               trials=settings.trials, max_failures=settings.max_failures,
                               feasible=ctx.prepared.feasible, jobs=jobs, seed=settings.seed + len(study.trials))

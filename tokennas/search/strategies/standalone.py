@@ -31,7 +31,7 @@ class Standalone:
 
     def search_stage(self, ctx: StageContext) -> None:
         settings = ctx.settings
-        jobs = baseline_jobs(ctx, settings.epochs)
+        jobs = baseline_jobs(ctx, self.search_epochs(settings))
         searcher = BudgetSearcher(ctx.study, ctx.prepared.space, ctx.prepared.inputs, settings.budget,
                                   settings.epochs, stall=self.stall, trials=settings.trials,
                                   max_failures=settings.max_failures, feasible=ctx.prepared.feasible, jobs=jobs,
@@ -42,6 +42,9 @@ class Standalone:
 
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
         return {}
+
+    def search_epochs(self, settings: SearchSettings) -> int:
+        return settings.epochs
 
     def retrain_epochs(self, settings: SearchSettings) -> int:
         return settings.retrain_epochs

@@ -124,8 +124,7 @@ def job_taken(runs: optuna.Study, run: optuna.Trial) -> int | None:
     """The number of a lower-numbered run of the same job (stage, source, seed) that finished, failed
     with an error or is running, in which case ``run`` is withdrawn; else None. Runs whose attributes are
     still being written are waited for, briefly."""
-    attrs = adapter.user_attrs(runs, run)
-    job = tuple(attrs.get(k) for k in ("stage", "source", "seed"))
+    job = S.job_key(adapter.user_attrs(runs, run))
     deadline = time.monotonic() + ABANDONED_S
     while True:
         others = [t for t in runs.get_trials(deepcopy=False) if t.number < run.number]
@@ -135,7 +134,7 @@ def job_taken(runs: optuna.Study, run: optuna.Trial) -> int | None:
             continue
         break
     for t in others:
-        if tuple(t.user_attrs.get(k) for k in ("stage", "source", "seed")) != job or t.user_attrs.get(WITHDRAWN):
+        if S.job_key(t.user_attrs) != job or t.user_attrs.get(WITHDRAWN):
             continue
         if t.state in (TrialState.RUNNING, TrialState.COMPLETE) or "error" in t.user_attrs:
             run.set_user_attr(WITHDRAWN, True)

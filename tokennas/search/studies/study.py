@@ -26,6 +26,12 @@ OBJECTIVES = ("acc", "pareto")
 SAMPLERS = ("tpe", "nsga2", "random")
 STUDY_NAME = "tokennas"
 RUNS_STUDY = "tokennas-runs"
+# what identifies a reference or re-ranking run in the runs study: runs of another length are other jobs
+JOB_KEY = ("stage", "source", "seed", "epochs_planned")
+
+
+def job_key(attrs: dict[str, Any]) -> tuple:
+    return tuple(attrs.get(k) for k in JOB_KEY)
 
 
 class FeasibleStartup(optuna.samplers.BaseSampler):
