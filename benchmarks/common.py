@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
-import statistics
 import subprocess
-import time
 from collections.abc import Callable
 
 import torch
+
+from tokennas.speed import CLOCKS, Timings, interleaved  # noqa: F401  (the benchmarks' timing)
 
 
 def machine() -> str:
@@ -47,51 +46,6 @@ def make_step(model: torch.nn.Module, images: torch.Tensor, train: bool) -> Call
             torch.cuda.synchronize()
 
     return step
-
-
-@dataclasses.dataclass
-class Timings:
-    """Seconds per step of each contender, round by round: round i timed every contender once, in turn."""
-
-    seconds: dict[str, list[float]]
-
-    def speed_ratio(self, a: str, b: str) -> tuple[float, float, float]:
-        """How many times faster ``a`` ran than ``b``: median of the per-round ratios, and their 25th/75th percentile.
-
-        Each ratio pairs two steps taken back to back, so a slow spell of the machine slows both and cancels.
-        """
-        ratios = sorted(tb / ta for ta, tb in zip(self.seconds[a], self.seconds[b], strict=True))
-        if len(ratios) < 2:
-            return ratios[0], ratios[0], ratios[0]
-        low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-        return statistics.median(ratios), low, high
-
-    def rate(self, name: str, items: int) -> float:
-        """Items per second at the median step time."""
-        return items / statistics.median(self.seconds[name])
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time, all threads
-
-
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 2, clock: str = "wall") -> Timings:
-    """Warm every step up, then time ``rounds`` rounds of one step each, in turn (the order rotates every round).
-
-    ``clock="cpu"`` counts the process's CPU time rather than wall-clock: on a shared CPU other processes' load then
-    stretches neither step (use it with one thread, so that no thread spins while waiting for another).
-    """
-    timer = CLOCKS[clock]
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = timer()
-            steps[name]()
-            seconds[name].append(timer() - start)
-    return Timings(seconds)
 
 
 def format_ratio(ratio: tuple[float, float, float], rounds: int) -> str:

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 import tokennas
+from tokennas.parents import list_parents
 
 
 def run(*args):
@@ -50,7 +51,8 @@ def test_invalid_yaml_is_one_line(tmp_path):
 def test_presets_json():
     result = run("presets", "--json")
     rows = json.loads(result.stdout)
-    assert {r["name"] for r in rows} == set(tokennas.list_presets())
+    assert {r["name"] for r in rows if r["kind"] == "preset"} == set(tokennas.list_presets())
+    assert {r["name"] for r in rows if r["kind"] == "parent"} == set(list_parents())
 
 
 TINY = {"family": "schedule_vit", "img_size": 32, "in_chans": 1, "num_classes": 10, "patch_size": 4, "embed_dim": 32,

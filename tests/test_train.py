@@ -40,3 +40,44 @@ def test_resume_continues_from_a_checkpoint(data):
     fit(SMALL, data, TrainSettings(epochs=2, device="cpu"), lambda metrics, state: states.append(state))
     model, metrics = fit(SMALL, data, TrainSettings(epochs=2, device="cpu"), resume=states[0])
     assert metrics["epoch"] == 2
+
+
+def test_tokennas_train_resumes_a_killed_run_from_its_last_epoch(tmp_path):
+    """`tokennas train` keeps its state after every epoch (last.pt); a run killed after its first epoch goes on with
+    --resume, keeps the epochs it had, and ends whole (checkpoint.pt, metrics.json, last.pt removed)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    (tmp_path / "vit.yaml").write_text("family: schedule_vit\nimg_size: 12\nin_chans: 1\nnum_classes: 10\n"
+                                       "patch_size: 2\nembed_dim: 16\ndepth: 2\nnum_heads: 1\n")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "tokennas.cli", "train", str(tmp_path / "vit.yaml"), "--epochs", "4",
+            "--train-subset", "2000", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "last.pt").exists() and not (out / "checkpoint.pt").exists()
+    first = torch.load(out / "last.pt", weights_only=True)["history"]
+    assert 1 <= len(first) < 4
+
+    refused = subprocess.run(argv, env=env, capture_output=True, text=True)  # no --resume: the run is not replaced
+    assert refused.returncode == 2 and "holds an unfinished run" in refused.stderr
+    longer = [a if a != "4" else "5" for a in argv]  # --epochs 5: another learning-rate schedule
+    other = subprocess.run([*longer, "--resume"], env=env, capture_output=True, text=True)
+    assert other.returncode == 2 and "--epochs 5" in other.stderr and "--epochs 4" in other.stderr
+    done = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert history["val_acc"].tolist()[: len(first)] == [h["val_acc"] for h in first]  # kept, not retrained
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 4 and not (out / "last.pt").exists()

@@ -1,4 +1,4 @@
-"""The `tokennas` command line: spaces, presets, flops, search, export, report, train."""
+"""The `tokennas` command line: spaces, presets, flops, search, export, report, train, evaluate."""
 
 from __future__ import annotations
 
@@ -18,24 +18,40 @@ UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageE
 
 
 @app.command()
-def presets(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
-    """List the named paper variants with family, parameters and FLOPs (MACs)."""
+def presets(as_json: bool = typer.Option(False, "--json", help="Print a JSON list: the presets (kind \"preset\", "
+                                         "test_acc null), then the shipped parents (kind \"parent\").")) -> None:
+    """List the named paper variants with family, parameters and FLOPs (MACs), and the shipped trained parents
+    with their test accuracy."""
     from . import count_flops, list_presets, load_config
     from .config import PRESETS
     from .flops import format_flops
+    from .parents import list_parents, parent_info
 
     rows = []
     for name in list_presets():
         config = load_config(name)
         rows.append({"name": name, "family": config.family, "img_size": config.img_size,
-                     "params": config.num_params(), "flops": count_flops(config), "description": PRESETS[name][1]})
+                     "params": config.num_params(), "flops": count_flops(config), "description": PRESETS[name][1],
+                     "kind": "preset", "test_acc": None})
+    for name in list_parents():
+        info = parent_info(name)
+        config = info["config"]
+        rows.append({"name": name, "family": config.family, "img_size": config.img_size,
+                     "params": config.num_params(), "flops": count_flops(config),
+                     "description": f"trained parent, for `--parent {name}`",
+                     "kind": "parent", "test_acc": info["test_acc"]})
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("preset", "family", "img", "params", "FLOPs", "what it is", title="tokennas presets")
+    table = Table("preset", "family", "img", "params", "FLOPs", "test acc", "what it is", title="tokennas presets")
+    kind = "preset"
     for r in rows:
+        if r["kind"] != kind:  # the shipped parents, in a section below the paper presets
+            table.add_section()
+            kind = r["kind"]
         table.add_row(r["name"], r["family"], str(r["img_size"]), f"{r['params'] / 1e6:.2f}M",
-                      format_flops(r["flops"]), r["description"])
+                      format_flops(r["flops"]), "" if r["test_acc"] is None else f"{r['test_acc']:.4f}",
+                      r["description"])
     console.print(table)
 
 
@@ -78,7 +94,8 @@ def spaces(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
         print(json.dumps(rows, indent=2))
         return
     for r in rows:
-        console.print(f"[bold]{r['name']}[/bold]  {r['size']:,} candidates at {inputs.img_size}px")
+        size = f"{r['size']:,} candidates" if r["size"] else "continuous (rates projected onto the budget)"
+        console.print(f"[bold]{r['name']}[/bold]  {size} at {inputs.img_size}px")
         console.print(f"  {r['description']}")
         for dim, choices in r["dimensions"].items():
             console.print(f"  {dim}: {', '.join(map(str, choices))}")
@@ -88,17 +105,20 @@ def spaces(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
 def search(
     ctx: typer.Context,
     space: str | None = typer.Option(None, help="Search space: psvit, hvt, ... (see `tokennas spaces`)."),
-    flops: str | None = typer.Option(None, help="Hard FLOPs (MACs) budget per image, e.g. 30M or 4G."),
+    flops: str | None = typer.Option(None, help="Hard FLOPs (MACs) budget per image, e.g. 30M or 4G; with --parent "
+                                     "also a share of the parent's MACs, e.g. 50%."),
     trials: int = typer.Option(12, help="Candidates to train; over-budget, repeated and failed proposals don't count."),
     epochs: int = typer.Option(3, help="Training epochs per candidate (ASHA may stop weak ones sooner)."),
     objective: str = typer.Option("acc", help="acc: best validation accuracy; pareto: accuracy up, FLOPs down."),
-    sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2 or random."),
+    sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2, random or cmaes (CMA-ES over continuous "
+                                "parameters: the layers space's rates)."),
     scheduler: str = typer.Option("asha", help="asha (early stopping after the warm-up) or fifo (none)."),
     seed: int = typer.Option(0, help="Seeds the sampler, the data split and the initialisation."),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist (embedded), a timm dataset name such as "
                                 "torch/cifar10, or folder (an image folder with train/ and validation/)."),
     data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
-    img_size: int = typer.Option(32, help="Input resolution; FLOPs are counted at it."),
+    img_size: int | None = typer.Option(None, help="Input resolution; FLOPs are counted at it [default: the "
+                                        "--parent's, else 32]."),
     train_subset: int | None = typer.Option(None, help="Train on the first N training images (quick searches)."),
     batch_size: int = typer.Option(64, help="Training batch size (at most the training split)."),
     lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly), > 0."),
@@ -131,21 +151,25 @@ def search(
     study_name: str = typer.Option("tokennas", help="The study's name in --storage; drivers sharing it cooperate."),
     heartbeat: int = typer.Option(30, help="Seconds between heartbeats on an RDB --storage; a driver silent for "
                                   "twice that is taken as dead and its trials are run again."),
-    strategy: str = typer.Option("standalone", help="standalone: every candidate is trained (Ray Tune); oneshot: "
-                                 "candidates are scored on a supernet's shared weights, then the top K are trained "
-                                 "(psvit, hvt and tokens spaces)."),
-    parent: str | None = typer.Option(None, help="oneshot: the supernet's weights, a `tokennas train` checkpoint.pt "
-                                      "or a timm ViT/DeiT state dict [default: train a supernet in the run]."),
+    strategy: str | None = typer.Option(None, help="standalone: every candidate is trained (Ray Tune); oneshot: "
+                                        "candidates are scored on a supernet's shared weights, then the top K are "
+                                        "trained (psvit, hvt and tokens spaces); frozen: schedules scored on the "
+                                        "--parent's own weights (layers space) [default: frozen for layers, else "
+                                        "standalone]."),
+    parent: str | None = typer.Option(None, help="oneshot, frozen: a trained ViT, a shipped parent's name (e.g. "
+                                      "fmnist-vit, see `tokennas presets`), a `tokennas train` checkpoint.pt or a "
+                                      "timm ViT/DeiT state dict [oneshot default: train a supernet in the run]."),
     supernet_epochs: int | None = typer.Option(None, help="oneshot: epochs of supernet training [default: 6; 0 with "
                                                "a --parent whose classifier fits the data]."),
     finetune_epochs: int = typer.Option(0, help="oneshot: re-rank by fine-tuning the top K from their inherited "
-                                        "weights for this many epochs (0: train from scratch, --retrain-epochs)."),
-    score_images: int = typer.Option(2000, help="oneshot: validation images each candidate is scored on."),
+                                        "weights for this many epochs (0: train from scratch, --retrain-epochs); "
+                                        "frozen: fine-tune the top K from the parent's weights (0: no re-ranking)."),
+    score_images: int = typer.Option(2000, help="oneshot, frozen: validation images each candidate is scored on."),
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, the best are re-ranked on more
     seeds against the uniform baseline, reports come out."""
     from .search.run import run_search
-    from .search.settings import SearchSettings
+    from .search.settings import SearchSettings, with_defaults
 
     # typer may vendor its own click: compare the parameter source by name
     given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
@@ -158,7 +182,7 @@ def search(
     else:
         if space is None or flops is None:
             raise ValueError("--space and --flops are required (or --resume RUN_DIR)")
-        run_dir = run_search(SearchSettings(**options), out=out, progress=not quiet)
+        run_dir = run_search(SearchSettings(**with_defaults(options)), out=out, progress=not quiet)
     console.print(f"results in {run_dir}: trials.csv, ranking.csv, retrain.csv, best/, pareto.png, report.html, "
                   "summary.md")
     console.print((run_dir / "summary.md").read_text())
@@ -233,8 +257,11 @@ def train(
     lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
     seed: int = typer.Option(0, help="Seeds the data split and the initialisation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch "
+                                "(--out/last.pt, written after every epoch), with the same config and options."),
 ) -> None:
-    """Train a config for longer, then evaluate it once on the test split."""
+    """Train a config for longer, then evaluate it once on the test split. After every epoch the state is kept in
+    --out/last.pt, so that a killed run goes on with --resume; it is removed when the run has finished."""
     import math
 
     import pandas as pd
@@ -243,12 +270,14 @@ def train(
     from .config import load_config
     from .data import Batches, load_data
     from .train import (
+        RESUME_STATE,
         NonFiniteLoss,
         TrainSettings,
         check_compatible,
         check_out,
         evaluate,
         fit,
+        load_resume_state,
         save_checkpoint,
         write_atomic,
     )
@@ -260,26 +289,33 @@ def train(
         (math.isfinite(lr) and lr > 0, f"invalid --lr {lr}; expected a positive finite number"),
         (train_subset is None or train_subset >= 10, f"invalid --train-subset {train_subset}; expected at least 10 "
                                                      "images"),
-        (device in ("auto", "cpu", "cuda"), f"invalid --device {device!r}; expected auto, cpu or cuda"),
-        (device != "cuda" or torch.cuda.is_available(), "invalid --device cuda: CUDA is not available on this "
-                                                        "machine; use cpu or auto"),
+        *_device_checks(device),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     check_out(out)  # before the training, so that no earlier run is replaced and no hours are lost
+    options = {"epochs": epochs, "dataset": dataset, "train_subset": train_subset, "batch_size": batch_size, "lr": lr,
+               "seed": seed}  # what the run's course depends on: --resume must repeat them
+    state = load_resume_state(out, model_config, options) if resume else None
+    if not resume and (out / RESUME_STATE).exists():
+        raise ValueError(f"--out {str(out)!r} holds an unfinished run ({RESUME_STATE}); continue it with --resume "
+                         "or use another --out")
     data = load_data(dataset, data_dir, model_config.img_size, train_subset, seed=seed, with_test=True)
     check_compatible(model_config, data)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
-    history = []
+    history = list(state["history"]) if state else []
 
-    def on_epoch(metrics, state):
+    def on_epoch(metrics, epoch_state):
         history.append(metrics)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / RESUME_STATE, lambda path: torch.save({**epoch_state, "history": history,
+                                                                  "options": options}, path))
         console.print(f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
-                      f"val_acc {metrics['val_acc']:.4f}")
+                      f"val_acc {metrics['val_acc']:.4f}  ({metrics['epoch_seconds']:.0f} s)")
 
     try:
-        model, metrics = fit(model_config, data, settings, on_epoch)
+        model, metrics = fit(model_config, data, settings, on_epoch, resume=state)
     except NonFiniteLoss as err:  # a run that failed, not bad input: exit 1, and --out is left untouched
         print(f"error: training diverged: {err}; nothing was written to {str(out)!r}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -293,7 +329,126 @@ def train(
     save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result,
                     data_config=data.data_config)  # the preprocessing timm's resolve_data_config gives back
     write_atomic(out / "metrics.json", lambda path: path.write_text(json.dumps(result, indent=2)))
+    (out / RESUME_STATE).unlink(missing_ok=True)
     console.print(f"test accuracy {test['acc']:.4f}; wrote {out}/metrics.json, history.csv, checkpoint.pt")
+
+
+def _checkpoint(path: Path, shown: str) -> dict:
+    """A `tokennas train` checkpoint (or a search's supernet.pt) named as CONFIG: weights plus their config."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (pickle, zip and format errors alike)
+        raise ValueError(f"invalid CONFIG {shown!r}: not a PyTorch checkpoint ({type(err).__name__})") from None
+    if not (isinstance(state, dict) and "model" in state and "config" in state):
+        raise ValueError(f"invalid CONFIG {shown!r}: a checkpoint without a config (a plain state dict?); expected a "
+                         f"`tokennas train` checkpoint, or run a config on these weights: CONFIG --parent {shown}")
+    return state
+
+
+@app.command()
+def evaluate(
+    config: str = typer.Argument(..., help="A preset name, a config .yaml/.json (e.g. a search's best/01-*.yaml), a "
+                                 "`tokennas train` checkpoint.pt or a shipped parent's name (see `tokennas presets`); "
+                                 "a checkpoint or a parent brings its own weights."),
+    parent: str | None = typer.Option(None, help="Run the config on these weights, unchanged (merging, pruning, "
+                                      "pooling and sharing need none of their own): a shipped parent's name, a "
+                                      "`tokennas train` checkpoint.pt or a timm ViT/DeiT state dict. Required unless "
+                                      "CONFIG is a checkpoint or a parent."),
+    split: str = typer.Option("val", help="val: the seeded validation split carved from the training data (what a "
+                              "search selects on); test: the test split (what `tokennas train` reports)."),
+    dataset: str = typer.Option("fashion-mnist", help="As for `tokennas search`."),
+    data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
+    seed: int = typer.Option(0, help="Seeds the validation split: a search with the same --seed validates on it."),
+    batch_size: int = typer.Option(256, help="Evaluation batch size."),
+    images: int | None = typer.Option(None, help="Evaluate on the first N images of the split only (all by "
+                                                 "default)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: config, parent, acc, loss, flops "
+                                 "(MACs), params, split, images."),
+) -> None:
+    """Accuracy, FLOPs (MACs) and parameters of a config running on a parent's weights, without training: e.g. a
+    token schedule found by a search, on the trained ViT it was searched over."""
+    import torch
+
+    from . import count_flops
+    from .config import PRESETS, build_model, config_from_dict, load_config
+    from .data import Batches, TensorSplit, load_data
+    from .models.supernet import build_supernet, load_parent
+    from .parents import is_parent, list_parents, resolve_parent
+    from .train import TrainSettings, check_compatible
+    from .train import evaluate as evaluate_model
+
+    checks = [
+        (split in ("val", "test"), f"invalid --split {split!r}; expected val or test"),
+        (images is None or images >= 1, f"invalid --images {images}; expected at least 1"),
+        (batch_size >= 1, f"invalid --batch-size {batch_size}; expected at least 1"),
+        *_device_checks(device),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    state = None  # the weights CONFIG brings with it, if any
+    if config in PRESETS or Path(config).suffix.lower() in (".yaml", ".yml", ".json"):
+        model_config = load_config(config)
+    elif is_parent(config) or Path(config).is_file():
+        state = _checkpoint(resolve_parent(config), config)  # an unbuilt parent is refused by name here
+        model_config = config_from_dict(state["config"])
+    else:
+        raise ValueError(f"invalid CONFIG {config!r}: expected a preset name, a shipped parent's name (shipped: "
+                         f"{', '.join(list_parents()) or 'none'}), a .yaml/.json config or a checkpoint.pt file")
+    if parent is None and state is None:
+        raise ValueError(f"evaluating {config!r} needs --parent: a preset or config file holds no weights; give "
+                         "--parent NAME_OR_PATH (a shipped parent, see `tokennas presets`, or a checkpoint)")
+    if parent is not None:
+        resolve_parent(parent)  # a bad --parent is refused before the data is read
+        if model_config.family != "schedule_vit":
+            raise ValueError(f"invalid CONFIG {config!r}: a {model_config.family} config; --parent runs schedule_vit "
+                             "(ViT token schedule) configs only")
+
+    data = load_data(dataset, data_dir, model_config.img_size, seed=seed, with_test=split == "test")
+    check_compatible(model_config, data)
+    if parent is None:
+        model = build_model(model_config)
+        # a search's supernet.pt also holds per-stage tensors its uniform trunk does not use
+        model.load_state_dict({k: v for k, v in state["model"].items()
+                               if "supernet" not in state or not k.startswith(("stage_pos.", "pool_convs."))})
+    else:
+        weights = load_parent(parent, model_config.img_size, data.in_chans, data.num_classes)
+        if not weights.head_kept:
+            raise ValueError(f"invalid --parent {parent!r}: its classifier does not fit dataset {data.name!r} "
+                             f"({data.num_classes} classes); evaluating needs a parent trained on the data")
+        model = build_supernet([model_config], weights).child_model(model_config)  # raises naming what does not fit
+    held_out = data.test if split == "test" else data.val
+    if images is not None:
+        if images > len(held_out):
+            raise ValueError(f"invalid --images {images}; expected at most {len(held_out)}, the {split} split's size")
+        held_out = (TensorSplit(held_out.images[:images], held_out.labels[:images])
+                    if isinstance(held_out, TensorSplit) else torch.utils.data.Subset(held_out, range(images)))
+    run_on = TrainSettings(device=device).resolved_device()
+    result = evaluate_model(model.to(run_on), Batches(held_out, batch_size, model_config.img_size, run_on,
+                                                      shuffle=False, stats=data.stats))
+    row = {"config": config, "parent": parent, "acc": result["acc"], "loss": result["loss"],
+           "flops": count_flops(model_config), "params": model_config.num_params(), "split": split,
+           "images": len(held_out)}
+    if as_json:
+        print(json.dumps(row))
+        return
+    from .flops import format_flops
+
+    table = Table("config", "parent", "split", "images", "acc", "loss", "FLOPs", "params", title="tokennas evaluate")
+    table.add_row(config, parent or "(its own weights)", split, f"{row['images']:,}", f"{row['acc']:.4f}",
+                  f"{row['loss']:.4f}", format_flops(row["flops"]), f"{row['params'] / 1e6:.2f}M")
+    console.print(table)
+
+
+def _device_checks(device: str) -> list[tuple[bool, str]]:
+    import torch
+
+    return [(device in ("auto", "cpu", "cuda"), f"invalid --device {device!r}; expected auto, cpu or cuda"),
+            (device != "cuda" or torch.cuda.is_available(), "invalid --device cuda: CUDA is not available on this "
+                                                            "machine; use cpu or auto")]
 
 
 def main(argv: list[str] | None = None) -> None:

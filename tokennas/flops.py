@@ -112,6 +112,23 @@ def parse_flops(text: str) -> int:
     return int(value)
 
 
+def parse_budget(text: str, reference: int | None = None, what: str = "the parent") -> int:
+    """A budget as ``parse_flops`` reads it, or a share of ``reference`` MACs: ``50%`` (``what`` names the
+    reference in the error when there is none)."""
+    raw = str(text).strip()
+    if not raw.endswith("%"):
+        return parse_flops(raw)
+    if reference is None:
+        raise ValueError(f"invalid FLOPs budget {text!r}: a share of MACs needs {what} (--parent)")
+    try:
+        share = float(raw[:-1])
+    except ValueError:
+        share = nan
+    if not 0 < share <= 100:
+        raise ValueError(f"invalid FLOPs budget {text!r}; expected a share above 0% and at most 100%, such as 50%")
+    return max(1, int(reference * share / 100))
+
+
 def format_flops(value: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:

@@ -201,6 +201,25 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {str(out)!r} already holds {earlier[0]} from an earlier run; use another --out")
 
 
+RESUME_STATE = "last.pt"  # `tokennas train`'s state after its last finished epoch, for --resume
+
+
+def load_resume_state(out: Path, config: ModelConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """The state a killed ``tokennas train`` left in ``out``, checked against the config and options asked for."""
+    path = out / RESUME_STATE
+    if not path.is_file():
+        raise ValueError(f"invalid --resume: {str(path)!r} does not exist; nothing to continue in --out {str(out)!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != config.to_dict():
+        raise ValueError(f"invalid --resume: the run in {str(out)!r} trains another config; pass the same config")
+    for name, value in options.items():
+        if state["options"][name] != value:
+            flag = f"--{name.replace('_', '-')}"
+            raise ValueError(f"invalid --resume with {flag} {value}: the run in {str(out)!r} was started with "
+                             f"{flag} {state['options'][name]}; pass the same options")
+    return state
+
+
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     config = config_from_dict(state["config"])

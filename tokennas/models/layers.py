@@ -21,12 +21,14 @@ class Attention(nn.Module):
     """Multi-head self-attention whose map can be reused by the next block (PSViT attention sharing).
 
     ``share_attn=True``: the block holds only a value projection and applies the attention map it is
-    given, so it has no Q/K weights, no QK^T product and no softmax. ``return_attn=True``: the map is
-    materialised for the next block; otherwise fused SDPA runs.
+    given, so it has no Q/K weights, no QK^T product and no softmax. ``value_from_qkv=True`` (with
+    ``share_attn``): it keeps a full ``qkv`` projection and uses only its value third, so that a timm model
+    patched to share attention (``tokennas.patch``) keeps its parameters and state-dict names.
+    ``return_attn=True``: the map is materialised for the next block; otherwise fused SDPA runs.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, share_attn: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, value_from_qkv: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"`num_heads` ({num_heads}) must divide the width ({dim})")
@@ -34,7 +36,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.share_attn = share_attn
-        if share_attn:
+        self.value_from_qkv = share_attn and value_from_qkv
+        if share_attn and not value_from_qkv:
             self.v = nn.Linear(dim, dim, bias=qkv_bias)
         else:
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         if self.share_attn:
             if shared_attn is None:
                 raise RuntimeError("a sharing attention block was called without an attention map")
-            v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
+            v = self.value(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
             attn, qk = shared_attn, None
             x = attn @ v
         else:
@@ -72,12 +75,21 @@ class Attention(nn.Module):
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(x), attn, qk
 
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """The value projection of a sharing block: ``v``, or the value third of ``qkv`` (``value_from_qkv``)."""
+        if not self.value_from_qkv:
+            return self.v(x)
+        C = x.shape[-1]
+        bias = None if self.qkv.bias is None else self.qkv.bias[2 * C :]
+        return F.linear(x, self.qkv.weight[2 * C :], bias)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block, timm-compatible names; passes an attention map and token sizes through.
 
-    ``reduction``: a weightless token reduction (``TokenMerge``, ``TokenPrune``) run after the attention
-    residual and before the MLP, as ToMe and EViT place it; it sees the block's own queries and keys.
+    ``reduction``: a weightless token reduction (``TokenMerge``, ``TokenPrune``, ``TokenDrop``, ``TokenPruneMerge``)
+    run after the attention residual and before the MLP, as ToMe, EViT and DiffRate place it; it sees the block's
+    own queries and keys.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -172,7 +184,7 @@ class TokenPool(nn.Module):
         return x if self.pos_embed is None else x + self.pos_embed
 
 
-REDUCE_KINDS = ("merge", "prune")
+REDUCE_KINDS = ("merge", "prune", "prune_merge")
 
 
 def _take(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -195,6 +207,9 @@ class TokenMerge(nn.Module):
         super().__init__()
         self.keep = keep
         self.num_prefix_tokens = num_prefix_tokens
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, num_prefix_tokens={self.num_prefix_tokens}"
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,12 +252,20 @@ class TokenPrune(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.scale = scale
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, num_prefix_tokens={self.num_prefix_tokens}"
+
+    def score(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(B, n): the attention the class token (else the mean query) pays each patch token, averaged over heads."""
         p = self.num_prefix_tokens
         query = q[:, :, :1] if p else q.mean(dim=2, keepdim=True)  # (B, nh, 1, hd)
         attn = ((query * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, nh, 1, N)
-        score = attn.mean(dim=1)[:, 0, p:]  # (B, n)
+        return attn.mean(dim=1)[:, 0, p:]
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = self.num_prefix_tokens
+        score = self.score(q, k)
         order = score.argsort(dim=-1, descending=True)
         kept, fused = order[:, : self.keep - 1].sort(dim=-1).values, order[:, self.keep - 1 :]
         tokens = x[:, p:]
@@ -252,9 +275,57 @@ class TokenPrune(nn.Module):
         return torch.cat([x[:, :p], _take(tokens, kept), fused_token], dim=1), size
 
 
+class TokenDrop(TokenPrune):
+    """DiffRate's pruning (Chen et al., ICCV 2023), reducing the patch tokens to ``keep`` without fusion.
+
+    Scored as ``TokenPrune`` scores (the class token's attention averaged over heads, or the mean query's
+    without a class token); the ``keep`` best-scored patch tokens stay, in their order, and the others are
+    dropped with their sizes. MACs: the scoring, N * dim (``drop_flops``).
+    """
+
+    def kept(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """(B, keep): the positions, among the patch tokens, of those that stay, in increasing order."""
+        return self.score(q, k).argsort(dim=-1, descending=True)[:, : self.keep].sort(dim=-1).values
+
+    def take(self, tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The prefix rows and the ``kept`` patch rows of ``tokens`` (B, N, C)."""
+        p = self.num_prefix_tokens
+        return torch.cat([tokens[:, :p], _take(tokens[:, p:], kept)], dim=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kept = self.kept(q, k)
+        return self.take(x, kept), None if size is None else self.take(size, kept)
+
+
+class TokenPruneMerge(nn.Module):
+    """DiffRate's reduction (Chen et al., ICCV 2023): prune the patch tokens to ``prune`` (``TokenDrop``), then merge
+    the survivors to ``keep`` with ToMe's bipartite matching on their own keys (``TokenMerge``). Built only when
+    both steps remove tokens; a block where one of them removes none runs the other alone."""
+
+    def __init__(self, prune: int, keep: int, num_prefix_tokens: int, scale: float) -> None:
+        super().__init__()
+        self.drop = TokenDrop(prune, num_prefix_tokens, scale)
+        self.merge = TokenMerge(keep, num_prefix_tokens)
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = self.drop.kept(q, k)
+        x, size = self.drop.take(x, kept), None if size is None else self.drop.take(size, kept)
+        # the merge's metric is the keys averaged over heads: averaging, then keeping the survivors, is the same
+        metric = self.drop.take(k.mean(dim=1), kept).unsqueeze(1)  # (B, 1, prefix + prune, hd)
+        return self.merge(x, size, None, metric)
+
+
+def drop_flops(patch_tokens: int, keep: int, num_prefix_tokens: int, dim: int) -> int:
+    """MACs of ``TokenDrop`` reducing ``patch_tokens`` to ``keep``: the scoring only (0 when nothing is dropped)."""
+    return (patch_tokens + num_prefix_tokens) * dim if keep < patch_tokens else 0
+
+
 def reduction_flops(kind: str, patch_tokens: int, keep: int, num_prefix_tokens: int, dim: int,
                     num_heads: int) -> int:
-    """MACs of ``TokenMerge`` or ``TokenPrune`` reducing ``patch_tokens`` to ``keep`` (0 when nothing is removed)."""
+    """MACs of ``TokenMerge`` (``kind`` merge) or ``TokenPrune`` (prune) reducing ``patch_tokens`` to ``keep`` (0 when
+    nothing is removed). A prune_merge block costs ``drop_flops`` to its pruned count plus this merge from it."""
     n = patch_tokens
     if keep >= n:
         return 0

@@ -3,8 +3,9 @@
 It covers DeiT (no pooling, no sharing), HVT (Pan et al., ICCV 2021: 1D max pooling of the sequence,
 no class token, a fresh positional embedding per stage, average-pooled head), PSViT (Chen et al.
 2021, arXiv 2108.03428: spatial token pooling on the token grid plus attention sharing between
-neighbouring blocks), and token reduction inside the blocks: merging (ToMe, Bolya et al. ICLR 2023)
-or pruning with fusion of the inattentive tokens (EViT, Liang et al. ICLR 2022). With an identity
+neighbouring blocks), and token reduction inside the blocks: merging (ToMe, Bolya et al. ICLR 2023),
+pruning with fusion of the inattentive tokens (EViT, Liang et al. ICLR 2022), or pruning then merging
+(DiffRate, Chen et al. ICCV 2023). With an identity
 schedule it is state-dict compatible with timm's ``VisionTransformer`` and gives the same logits.
 """
 
@@ -24,12 +25,15 @@ from .layers import (
     REDUCE_KINDS,
     Block,
     LayerNorm,
+    TokenDrop,
     TokenMerge,
     TokenPool,
     TokenPrune,
+    TokenPruneMerge,
     block_flops,
     block_params,
     check_trunk,
+    drop_flops,
     ln_flops,
     pooled_length,
     reduction_flops,
@@ -39,7 +43,7 @@ from .pretrained import TimmModel
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScheduleViTConfig(ModelConfig):
-    """A ViT with a per-block token schedule (DeiT, HVT, PSViT, ToMe, EViT)."""
+    """A ViT with a per-block token schedule (DeiT, HVT, PSViT, ToMe, EViT, DiffRate)."""
 
     family: ClassVar[str] = "schedule_vit"
     patch_size: int = 16
@@ -56,7 +60,10 @@ class ScheduleViTConfig(ModelConfig):
     # Patch tokens (class token excluded) leaving each block; () keeps them all. Block b reduces inside itself,
     # after attention and before the MLP, when its entry is lower than what enters it. Excludes `pool_after`.
     keep_tokens: tuple[int, ...] = ()
-    reduce_kind: str = "merge"  # merge: ToMe's bipartite soft matching; prune: EViT's top-k with a fused token
+    # merge: ToMe's bipartite soft matching; prune: EViT's top-k with a fused token; prune_merge: DiffRate's
+    # pruning (top-k by class attention, no fused token) to `prune_tokens`, then ToMe's merging to `keep_tokens`
+    reduce_kind: str = "merge"
+    prune_tokens: tuple[int, ...] = ()  # prune_merge only: patch tokens left after block b's pruning step
     drop_path_rate: float = 0.0  # training regulariser; no effect on cost
 
     def validate(self) -> None:
@@ -85,11 +92,17 @@ class ScheduleViTConfig(ModelConfig):
     def _validate_keep_tokens(self) -> None:
         if self.reduce_kind not in REDUCE_KINDS:
             raise ValueError(f"`reduce_kind` must be one of {', '.join(REDUCE_KINDS)}, got {self.reduce_kind!r}")
-        keep = self.keep_tokens
+        keep, prune_merge = self.keep_tokens, self.reduce_kind == "prune_merge"
+        if self.prune_tokens and not (prune_merge and keep):
+            raise ValueError("`prune_tokens` is only used with `reduce_kind` prune_merge and `keep_tokens` set; it "
+                             f"must be empty otherwise, got {list(self.prune_tokens)}")
         if not keep:
             return
         if len(keep) != self.depth:
             raise ValueError(f"`keep_tokens` must have one entry per block (`depth` = {self.depth}), got {len(keep)}")
+        if prune_merge and len(self.prune_tokens) != self.depth:
+            raise ValueError(f"`prune_tokens` must have one entry per block (`depth` = {self.depth}) with "
+                             f"`reduce_kind` prune_merge, got {len(self.prune_tokens)}")
         if self.pool_after:
             raise ValueError("`keep_tokens` and `pool_after` cannot both be set: a schedule either pools between "
                              "blocks or merges/prunes inside them")
@@ -100,12 +113,22 @@ class ScheduleViTConfig(ModelConfig):
             if k > n:
                 raise ValueError(f"`keep_tokens`: block {b} keeps {k} of {n} patch tokens; the schedule must be "
                                  f"non-increasing and within the {self.grid**2} patch tokens, got {list(keep)}")
+            pruned = self.prune_tokens[b] if prune_merge else n  # what the merging step starts from
+            if pruned > n:
+                raise ValueError(f"`prune_tokens`: block {b} prunes to {pruned} of the {n} patch tokens entering it; "
+                                 "pruning cannot add tokens")
+            if pruned < k:
+                raise ValueError(f"`prune_tokens`: block {b} prunes to {pruned} patch tokens but `keep_tokens` keeps "
+                                 f"{k}; merging cannot add tokens (keep_tokens[b] <= prune_tokens[b])")
             if k < n and b in self.share_attn:
                 raise ValueError(f"`keep_tokens`: block {b} reduces {n} to {k} patch tokens but is in `share_attn`; "
                                  "a block that reuses the previous map has no queries and keys of its own")
             if self.reduce_kind == "merge" and n - k > (n + 1) // 2:
                 raise ValueError(f"`keep_tokens`: block {b} keeps {k} of {n} patch tokens, but merging removes at "
                                  f"most {(n + 1) // 2} per block (bipartite matching)")
+            if prune_merge and pruned - k > (pruned + 1) // 2:
+                raise ValueError(f"`keep_tokens`: block {b} merges its {pruned} pruned patch tokens to {k}, but "
+                                 f"merging removes at most {(pruned + 1) // 2} per block (bipartite matching)")
             n = k
 
     @property
@@ -138,8 +161,13 @@ class ScheduleViTConfig(ModelConfig):
         schedule = self._schedule()
         for b, (n, _) in enumerate(schedule):
             keep = self.keep_tokens[b] if self.keep_tokens else n
-            flops[f"blocks.{b}"] = (block_flops(n + prefix, D, self.mlp_ratio, b in self.share_attn, keep + prefix)
-                                    + reduction_flops(self.reduce_kind, n, keep, prefix, D, self.num_heads))
+            flops[f"blocks.{b}"] = block_flops(n + prefix, D, self.mlp_ratio, b in self.share_attn, keep + prefix)
+            if self.reduce_kind == "prune_merge":
+                pruned = self.prune_tokens[b] if self.prune_tokens else n
+                flops[f"blocks.{b}"] += (drop_flops(n, pruned, prefix, D)
+                                         + reduction_flops("merge", pruned, keep, prefix, D, self.num_heads))
+            else:
+                flops[f"blocks.{b}"] += reduction_flops(self.reduce_kind, n, keep, prefix, D, self.num_heads)
             if b in self.pool_after:
                 pooled = schedule[b + 1][0]
                 flops[f"token_pools.{b}"] = pooled * D * 9 if self.pool_kind == "conv2d" else 0
@@ -157,6 +185,23 @@ class ScheduleViTConfig(ModelConfig):
             total += 10 * D if self.pool_kind == "conv2d" else 0
             total += (schedule[b + 1][0] + prefix) * D if self.stage_pos_embed else 0
         return total + 2 * D + D * self.num_classes + self.num_classes
+
+
+def block_reduction(config: ScheduleViTConfig, b: int, patch_tokens: int) -> nn.Module | None:
+    """The weightless reduction block ``b`` runs on the ``patch_tokens`` entering it; None when it removes none.
+    A prune_merge block runs only the steps that remove tokens, so that with nothing pruned it is a merge block."""
+    keep = config.keep_tokens[b] if config.keep_tokens else patch_tokens
+    if keep >= patch_tokens:
+        return None
+    prefix, scale = int(config.class_token), (config.embed_dim // config.num_heads) ** -0.5
+    if config.reduce_kind == "merge":
+        return TokenMerge(keep, prefix)
+    if config.reduce_kind == "prune":
+        return TokenPrune(keep, prefix, scale)
+    pruned = config.prune_tokens[b]
+    if pruned == patch_tokens:
+        return TokenMerge(keep, prefix)
+    return TokenDrop(pruned, prefix, scale) if keep == pruned else TokenPruneMerge(pruned, keep, prefix, scale)
 
 
 class ScheduleViT(TimmModel, nn.Module):
@@ -177,7 +222,7 @@ class ScheduleViT(TimmModel, nn.Module):
         schedule = c._schedule()
         self.blocks = nn.ModuleList(
             Block(D, c.num_heads, c.mlp_ratio, c.qkv_bias, share_attn=b in c.share_attn, drop_path=drop_path[b],
-                  norm_layer=norm_layer, reduction=self._reduction(b, schedule[b][0]))
+                  norm_layer=norm_layer, reduction=block_reduction(c, b, schedule[b][0]))
             for b in range(c.depth)
         )
         self.token_pools = nn.ModuleDict({
@@ -198,15 +243,6 @@ class ScheduleViT(TimmModel, nn.Module):
             for module in self.modules():
                 init_weights_vit_timm(module)
         self.init_pretrained_cfg()
-
-    def _reduction(self, b: int, patch_tokens: int) -> nn.Module | None:
-        c = self.config
-        keep = c.keep_tokens[b] if c.keep_tokens else patch_tokens
-        if keep >= patch_tokens:
-            return None
-        if c.reduce_kind == "merge":
-            return TokenMerge(keep, self.num_prefix_tokens)
-        return TokenPrune(keep, self.num_prefix_tokens, (c.embed_dim // c.num_heads) ** -0.5)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)

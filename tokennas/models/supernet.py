@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..config import build_model, config_from_dict, config_key
+from ..parents import resolve_parent
 from .layers import pooled_length
 from .schedule_vit import ScheduleViT, ScheduleViTConfig
 
@@ -198,8 +199,7 @@ class Parent:
 
 
 def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], ScheduleViTConfig | None, dict[str, Any]]:
-    if not Path(path).is_file():
-        raise ValueError(f"invalid --parent {str(path)!r}: no such file")
+    path = resolve_parent(path)  # a shipped parent's name is its checkpoint; anything else must be a file
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (pickle, zip and format errors alike)
@@ -244,10 +244,12 @@ def _infer(state: dict[str, torch.Tensor]) -> ScheduleViTConfig:
 def load_parent(path: str | Path, img_size: int, in_chans: int, num_classes: int) -> Parent:
     """Read ``--parent`` and fit it to the data with timm's own adapters: the input conv to the channels
     (``adapt_input_conv``), the positional embedding to the resolution (``resample_abs_pos_embed``); a
-    classifier for other classes is dropped (``head_kept=False``: the supernet must then train)."""
+    classifier for other classes is dropped (``head_kept=False``: the supernet must then train). ``path`` may
+    name a shipped parent (``tokennas.parents``)."""
     from timm.layers import resample_abs_pos_embed
     from timm.models import adapt_input_conv
 
+    path = resolve_parent(path)
     state, config, extras = _read(path)
     config = config or _infer(state)
     state = dict(state)
@@ -303,8 +305,17 @@ def build_supernet(configs: list[ScheduleViTConfig], parent: Parent | None = Non
 
 
 def parent_trunk(path: str | Path) -> dict[str, Any]:
-    """What a parent fixes about the ``tokens`` space's trunk (read from the weights alone)."""
+    """What a parent fixes about the ``tokens`` space's trunk (read from the weights alone); ``path`` may name a
+    shipped parent."""
     state, config, _ = _read(path)
     config = config or _infer(state)
     return {"embed_dim": config.embed_dim, "depth": config.depth, "num_heads": config.num_heads,
             "mlp_ratio": config.mlp_ratio, "patch_size": config.patch_size, "class_token": config.class_token}
+
+
+def parent_uniform_config(path: str | Path, img_size: int | None = None) -> ScheduleViTConfig:
+    """The parent's own uniform ViT (its checkpoint's config, or inferred from a timm state dict), at ``img_size``
+    when given: what a budget given as a share of the parent's MACs (``--flops 50%``) is a share of."""
+    state, config, _ = _read(path)
+    config = config or _infer(state)
+    return config.replace(img_size=img_size) if img_size else config

@@ -16,7 +16,7 @@ from ..train import write_atomic
 from .export import export_best
 from .page import write_html
 from .plots import plot_pareto, write_mosaic
-from .summary import summary_markdown
+from .summary import schedule_lines, summary_markdown
 from .tables import final_ranking, retrain_table, trial_table
 from .write import write_text
 
@@ -38,8 +38,26 @@ def write_reports(run_dir: Path) -> None:
     mosaic = run_dir / "mosaic.png" if write_mosaic(settings, study, frame, run_dir / "mosaic.png") else None
     baseline = study.user_attrs.get("baseline", {"config": None, "note": "not recorded"})
     summary = summary_markdown(settings, frame, ranking, best, baseline, strategy.describe(settings, run_dir),
-                               strategy.evaluated, epochs, study.user_attrs.get("stages", {}))
+                               strategy.evaluated, epochs, study.user_attrs.get("stages", {}),
+                               _schedules(study, frame, baseline, strategy.evaluated))
     write_html(study, frame, settings.objective, settings.budget,
                f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html", mosaic,
                ranking, summary)
     write_text(run_dir / "summary.md", summary)
+
+
+def _schedules(study, frame, baseline: dict, evaluated: str) -> list[str]:
+    """The measured speed of the exported schedules (frozen strategy), when the run recorded it."""
+    speed = study.user_attrs.get("speed")
+    if not speed:
+        return []
+    configs = {f"trial {t.number}": t.user_attrs["config"] for t in study.get_trials(deepcopy=False)
+               if "config" in t.user_attrs}
+    accs = {f"trial {int(r.number)}": r.val_acc for r in frame[frame["role"] == "candidate"].itertuples()
+            if r.val_acc == r.val_acc}
+    if baseline.get("config"):
+        configs["reference"] = baseline["config"]
+        ref = frame[(frame["role"] == "baseline") & (frame["state"] == "COMPLETE")]
+        if len(ref):
+            accs["reference"] = float(ref["val_acc"].iloc[0])
+    return schedule_lines(speed, configs, accs, evaluated)

@@ -42,7 +42,7 @@ def _retrain_plan_line(settings, evaluated_start: str) -> list[str]:
 
 def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best: list[Path],
                      baseline: dict[str, Any], strategy_lines: list[str], evaluated: str, retrain_epochs: int,
-                     stages: dict[str, Any]) -> str:
+                     stages: dict[str, Any], extra: list[str] | None = None) -> str:
     """The summary page; ``baseline`` is what the run recorded (``config`` or None, and a ``note``),
     ``strategy_lines`` the strategy's own description, ``evaluated`` its word for a candidate's search score."""
     candidates = frame[frame["role"] == "candidate"]
@@ -58,7 +58,7 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
              f"{counts.get('INFEASIBLE', 0)} proposals over budget and "
              f"{counts.get('REPEAT', 0)} repeated configs (neither {evaluated})",
              *strategy_lines,
-             *_retrain_plan_line(settings, _n(retrain_epochs, "epoch")),
+             *(_retrain_plan_line(settings, _n(retrain_epochs, "epoch")) if retrain_epochs else []),
              *_stage_lines(settings, stages), ""]
     failed = candidates[candidates["state"] == "FAIL"]
     if len(failed):
@@ -85,6 +85,8 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
     else:
         lines.append(f"No candidate was {evaluated} to the end.")
     lines += ["", _baseline_line(frame, baseline, evaluated)]
+    lines += _reference_line(frame, baseline, evaluated)
+    lines += extra or []
     again = ranking[ranking["retrained"]] if len(ranking) else ranking
     top, base = (again[again["role"] == r] for r in ("candidate", "baseline")) if len(again) else (again, again)
     if len(top) and len(base):
@@ -96,6 +98,33 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
     return "\n".join(lines) + "\n"
 
 
+def schedule_lines(speed: list[dict[str, Any]], configs: dict[str, dict[str, Any]], accs: dict[str, float],
+                   evaluated: str) -> list[str]:
+    """The exported schedules and the reference: patch tokens leaving each block, MACs, search accuracy, and their
+    measured speed against the parent (median of paired ratios, interleaved), a schedule slower than the parent
+    flagged."""
+    if not speed:
+        return []
+    table = pd.DataFrame(speed)
+    lines = ["", "Schedules against the parent (patch tokens leaving each block; inference speed measured here, "
+             "interleaved with the parent, median of paired ratios; > 1x is faster):", "",
+             "| schedule | patch tokens per block | MACs | val_acc " + f"({evaluated}) | "
+             + " | ".join(f"speed at batch {b}" for b in sorted(table["batch"].unique())) + " |",
+             "|---|---|---|---|" + "---|" * table["batch"].nunique()]
+    for name, rows in table.groupby("name", sort=False):
+        config = config_from_dict(configs[name])
+        keep = list(getattr(config, "keep_tokens", ()) or ())
+        tokens = " ".join(map(str, keep)) if keep else "all"
+        cells = []
+        for row in rows.sort_values("batch").itertuples():
+            flag = " **SLOWER than the parent**" if row.speedup < 1 else ""
+            cells.append(f"{row.speedup:.2f}x ({row.images_per_s:,.0f} img/s){flag}")
+        acc = accs.get(name)
+        lines.append(f"| {name} | {tokens} | {format_flops(sum(config.flops_by_module().values()))} | "
+                     f"{'' if acc is None else f'{acc:.4f}'} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _epochs(epochs, evaluated: str) -> str:
     if evaluated != "trained" or pd.isna(epochs):
         return evaluated
@@ -104,6 +133,21 @@ def _epochs(epochs, evaluated: str) -> str:
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _reference_line(frame: pd.DataFrame, baseline: dict[str, Any], evaluated: str) -> list[str]:
+    """A space's own reference (``label``) against the best candidate at the search's fidelity, same images."""
+    if not baseline.get("label"):
+        return []
+    runs = frame[(frame["role"] == "baseline") & (frame["state"] == "COMPLETE")]
+    done = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    if not len(runs) or not len(done):
+        return []
+    best = done.sort_values(["val_acc", "flops"], ascending=[False, True]).iloc[0]
+    diff = best["val_acc"] - runs["val_acc"].iloc[0]
+    return ["", f"Best schedule (trial {best['number']}, {format_flops(best['flops'])} MACs) against the reference, "
+                f"both {evaluated} on the same validation images: {best['val_acc']:.4f} against "
+                f"{runs['val_acc'].iloc[0]:.4f} ({diff * 100:+.2f} points)."]
 
 
 def _baseline_line(frame: pd.DataFrame, baseline: dict[str, Any], evaluated: str) -> str:
@@ -117,6 +161,8 @@ def _baseline_line(frame: pd.DataFrame, baseline: dict[str, Any], evaluated: str
         outcome = f"{complete['val_acc'].iloc[0]:.4f}"
     else:
         outcome = runs["state"].iloc[-1] if len(runs) else "not run"
+    macs = format_flops(sum(config.flops_by_module().values()))
+    if baseline.get("label"):  # the space's own reference (the layers space: ToMe's constant r on the parent)
+        return f"Reference within the budget: {baseline['label']}, {macs} MACs; {evaluated} in the search: {outcome}."
     return (f"Uniform DeiT-style baseline within the budget: width {config.embed_dim}, depth {config.depth}, heads "
-            f"{config.num_heads}, {format_flops(sum(config.flops_by_module().values()))} MACs; {evaluated} in the "
-            f"search: {outcome}.")
+            f"{config.num_heads}, {macs} MACs; {evaluated} in the search: {outcome}.")

@@ -61,18 +61,19 @@ def prepare(settings: SearchSettings) -> Prepared:
         raise ValueError(f"invalid --batch-size {settings.batch_size}; expected at most {len(data.train)}, the size "
                          "of the training split")
     inputs = Inputs(settings.img_size, data.in_chans, data.num_classes)
-    space = settings.space_object()
+    space = settings.space_object(inputs)
     feasible, smallest = space.feasible(settings.budget, inputs)
-    if not feasible:
+    if not feasible and (getattr(space, "enumerable", True) or smallest > settings.budget):
         raise ValueError(f"no {settings.space} candidate fits --flops {settings.flops}: the smallest reaches "
                          f"{format_flops(smallest)} ({smallest:,} MACs) at {settings.img_size}px")
-    if len(feasible) < settings.trials:
+    if getattr(space, "enumerable", True) and len(feasible) < settings.trials:
         raise ValueError(f"invalid --trials {settings.trials}: only {len(feasible)} distinct {settings.space} "
                          f"candidates fit --flops {settings.flops} at {settings.img_size}px; ask for at most "
                          f"{len(feasible)} or raise the budget")
     # the baseline is a reference for the space: it never costs more than the space's own largest candidate, so a
-    # budget far above the space (--flops 1e99) does not make it a giant
-    largest = max(count_flops(space.build(params, inputs)) for params in feasible.values())
+    # budget far above the space (--flops 1e99) does not make it a giant (a continuous space is bounded by its trunk)
+    largest = max(count_flops(space.build(params, inputs)) for params in feasible.values()) if feasible else \
+        settings.budget
     baseline = space.baseline(min(settings.budget, largest), inputs)
     prepared = Prepared(data, inputs, space, feasible, baseline,
                         "" if baseline is not None else "none fits the budget")
@@ -180,8 +181,11 @@ def _stages(ctx: StageContext) -> None:
     before the reports are written, also when a stage raised."""
     settings, study = ctx.settings, ctx.study
     strategy = strategies.get_strategy(settings.strategy)
-    study.set_user_attr("baseline", {"config": ctx.prepared.baseline.to_dict() if ctx.prepared.baseline else None,
-                                     "note": ctx.prepared.baseline_note})
+    baseline = ctx.prepared.baseline
+    describe = getattr(ctx.prepared.space, "describe_baseline", None)
+    study.set_user_attr("baseline", {"config": baseline.to_dict() if baseline else None,
+                                     "note": ctx.prepared.baseline_note,
+                                     "label": describe(baseline) if describe and baseline else None})
     try:
         if _needs_search(ctx):
             strategy.search_stage(ctx)
@@ -189,6 +193,8 @@ def _stages(ctx: StageContext) -> None:
         _record(study, "search", search)
         if settings.retrain_top == 0:
             _record(study, "retrain", {"done": True, "note": "not asked for (--retrain-top 0)", "asked": False})
+        elif strategy.retrain_epochs(settings) == 0:
+            _record(study, "retrain", {"done": True, "note": f"not asked for ({strategy.no_retrain})", "asked": False})
         elif not search["done"]:
             _record(study, "retrain", {"done": False, "note": "not run: the search stage is incomplete"})
         else:

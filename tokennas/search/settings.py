@@ -6,13 +6,14 @@ The driver and the reports both depend on this module, and not on each other.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
 import yaml
 
 from ..data import AUGMENTS, EMBEDDED
-from ..flops import parse_flops
+from ..flops import parse_budget
 from ..spaces import get_space
 from .studies import study as S
 
@@ -66,7 +67,9 @@ class SearchSettings:
 
     @property
     def budget(self) -> int:
-        return parse_flops(self.flops)
+        """MACs; ``--flops 50%`` is a share of the parent's uniform ViT at ``--img-size``."""
+        return parse_budget(self.flops, parent_flops(self.parent, self.img_size) if self.parent and
+                            str(self.flops).strip().endswith("%") else None)
 
     def validate(self) -> None:
         """One ``ValueError`` naming the first bad option."""
@@ -137,9 +140,20 @@ class SearchSettings:
 
         return 1.0 if torch.cuda.is_available() else 0.0
 
-    def space_object(self):
-        """The search space, with the quadtree scorer's weights when they are given."""
+    def space_object(self, inputs=None):
+        """The search space, with the quadtree scorer's weights when they are given; the ``layers`` space on the
+        parent's trunk at the data's ``inputs``."""
         space = get_space(self.space)
+        if self.space == "layers":
+            if not self.parent:
+                raise ValueError("--space layers needs --parent (a trained ViT: a shipped parent's name such as "
+                                 "fmnist-vit, a `tokennas train` checkpoint.pt or a timm ViT/DeiT state dict)")
+            from ..models.supernet import parent_uniform_config
+
+            trunk = parent_uniform_config(self.parent, self.img_size).to_dict()
+            if inputs is not None:
+                trunk.update(in_chans=inputs.in_chans, num_classes=inputs.num_classes)
+            return type(space)(trunk=trunk, budget=self.budget)
         if self.scorer_weights and hasattr(space, "scorer_checkpoint"):
             space = type(space)(scorer_checkpoint=str(Path(self.scorer_weights).resolve()))
         if self.space == "tokens":  # schedules are fractions of the budget, on the parent's trunk when there is one
@@ -147,6 +161,29 @@ class SearchSettings:
 
             space = type(space)(budget=self.budget, trunk=parent_trunk(self.parent) if self.parent else None)
         return space
+
+
+@functools.lru_cache(maxsize=16)
+def parent_flops(parent: str, img_size: int) -> int:
+    from ..models.supernet import parent_uniform_config
+
+    return sum(parent_uniform_config(parent, img_size).flops_by_module().values())
+
+
+def with_defaults(options: dict) -> dict:
+    """Options left unset (None) on the command line, resolved: ``--strategy`` is the space's default strategy
+    (``frozen`` for ``layers``, else ``standalone``); ``--img-size`` is the parent's resolution with a --parent,
+    else 32."""
+    options = dict(options)
+    if options.get("strategy") is None:
+        options["strategy"] = getattr(get_space(options["space"]), "default_strategy", "standalone")
+    if options.get("img_size") is None:
+        options["img_size"] = 32
+        if options.get("parent"):
+            from ..models.supernet import parent_uniform_config
+
+            options["img_size"] = parent_uniform_config(options["parent"]).img_size
+    return options
 
 
 def parse_duration(text: str) -> float:

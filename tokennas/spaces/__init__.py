@@ -20,4 +20,4 @@ def get_space(name: str) -> Space:
 
 __all__ = ["SPACES", "Inputs", "Space", "get_space", "register_space"]
 
-from . import crossvit, hvt, psvit, quadtree, stt, tokens  # noqa: E402,F401  (register the spaces)
+from . import crossvit, hvt, layers, psvit, quadtree, stt, tokens  # noqa: E402,F401  (register the spaces)

@@ -21,6 +21,7 @@ class Strategy(Protocol):
     stall: int  # over-budget or repeated proposals in a row before the sampler is handed an untried candidate
     evaluated: str  # how a candidate's search accuracy is obtained, in the summary's words: "trained", "scored"
     options: tuple[str, ...]  # settings only this strategy reads; another strategy refuses them
+    no_retrain: str  # why there is no re-ranking when ``retrain_epochs`` is 0, in the summary's words
 
     def validate(self, settings: SearchSettings) -> None:
         """Its options, in form only (no I/O): a ``ValueError`` naming the first bad one."""
@@ -40,16 +41,17 @@ class Strategy(Protocol):
         """Epochs a candidate (and the baseline) is trained for in the search stage; 0 when it is only scored."""
 
     def retrain_epochs(self, settings: SearchSettings) -> int:
-        """Epochs of each re-ranking run."""
+        """Epochs of each re-ranking run; 0: the strategy re-ranks nothing with these settings (``no_retrain``)."""
 
     def describe(self, settings: SearchSettings, run_dir: Path) -> list[str]:
         """Summary lines: how candidates were evaluated and how re-ranking runs start."""
 
 
-from .oneshot import OneShot  # noqa: E402  (the registry: one line per strategy)
+from .frozen import Frozen  # noqa: E402  (the registry: one line per strategy)
+from .oneshot import OneShot  # noqa: E402
 from .standalone import Standalone  # noqa: E402
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Standalone(), OneShot())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Standalone(), OneShot(), Frozen())}
 
 
 def get_strategy(name: str) -> Strategy:

@@ -27,6 +27,7 @@ from ...config import ModelConfig, config_from_dict
 from ...data import Batches, DataBundle, TensorSplit
 from ...flops import count_flops
 from ...models.supernet import Supernet, build_supernet, load_parent
+from ...parents import resolve_parent
 from ...train import (
     CHECK_EVERY,
     NonFiniteLoss,
@@ -162,6 +163,26 @@ def scoring_batches(data: DataBundle, images: int, img_size: int, device, worker
     return Batches(subset, 256, img_size, device, shuffle=False, stats=data.stats, num_workers=workers)
 
 
+def check_scoring(settings: SearchSettings) -> None:
+    """The options of scoring on given weights: --finetune-epochs, --score-images, and --parent if given."""
+    if settings.finetune_epochs < 0:
+        raise ValueError(f"invalid --finetune-epochs {settings.finetune_epochs}; expected 0 or more")
+    if settings.score_images < 1:
+        raise ValueError(f"invalid --score-images {settings.score_images}; expected at least 1")
+    if settings.parent is not None:
+        resolve_parent(settings.parent)  # a file, or a shipped parent's name
+
+
+def drop_baseline_unless_held(net: Supernet, prepared: Prepared, why: str) -> None:
+    """A baseline ``net`` cannot run is not scored (it would fail on every seed): the summary says ``why``."""
+    if prepared.baseline is not None:
+        try:
+            net.check(prepared.baseline)
+        except ValueError as err:
+            prepared.baseline_note = f"not evaluated: {why} ({err})"
+            prepared.baseline = None
+
+
 def supernet_path(run_dir: Path) -> Path:
     return run_dir / "supernet.pt"
 
@@ -182,24 +203,17 @@ class OneShot:
     stall = 4
     evaluated = "scored"
     options = ("parent", "supernet_epochs", "finetune_epochs", "score_images")
+    no_retrain = ""  # its re-ranking runs are at least one epoch long (--retrain-epochs >= 1)
 
     def validate(self, settings: SearchSettings) -> None:
         if settings.space not in ONESHOT_SPACES:
             raise ValueError(f"invalid --space {settings.space!r} for --strategy oneshot; expected one of: "
                              f"{', '.join(ONESHOT_SPACES)} (their candidates are one ViT whose weights slice; "
                              "crossvit, quadtree and stt candidates do not share one trunk)")
-        checks = [
-            (settings.parent is None or Path(settings.parent).is_file(),
-             f"invalid --parent {settings.parent!r}: no such file"),
-            (settings.supernet_epochs is None or settings.supernet_epochs >= 0,
-             f"invalid --supernet-epochs {settings.supernet_epochs}; expected 0 or more"),
-            (settings.finetune_epochs >= 0,
-             f"invalid --finetune-epochs {settings.finetune_epochs}; expected 0 or more"),
-            (settings.score_images >= 1, f"invalid --score-images {settings.score_images}; expected at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if settings.supernet_epochs is not None and settings.supernet_epochs < 0:
+            raise ValueError(f"invalid --supernet-epochs {settings.supernet_epochs}; expected 0 or more")
+        check_scoring(settings)
+
 
     def check(self, settings: SearchSettings, prepared: Prepared) -> None:
         """The parent loads, fits the data and covers every feasible candidate; a supernet can hold the space. A
@@ -208,19 +222,14 @@ class OneShot:
         parent = _parent(settings, prepared)
         supernet_epochs(settings, parent is None or parent.head_kept)
         net = build_supernet(feasible_configs(prepared), parent)  # raises naming what a candidate needs
-        if prepared.baseline is not None:
-            try:
-                net.check(prepared.baseline)
-            except ValueError as err:
-                prepared.baseline_note = f"not evaluated: the supernet cannot hold it ({err})"
-                prepared.baseline = None
+        drop_baseline_unless_held(net, prepared, "the supernet cannot hold it")
 
     def search_stage(self, ctx: StageContext) -> None:
         """The supernet (trained once, kept in the run folder), then scoring until ``--trials`` are scored."""
         if not supernet_path(ctx.run_dir).is_file() and not _supernet(ctx):
             return  # failed or cut off: the failure is recorded, --resume continues it
         if ctx.time_left():
-            _score(ctx, self.stall, self.search_epochs(ctx.settings))
+            score_stage(ctx, self.stall, self.search_epochs(ctx.settings))
 
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
         if not settings.finetune_epochs:
@@ -270,7 +279,7 @@ def _supernet(ctx: StageContext) -> bool:
         return False  # it failed with an error: reported as such, not trained again
     # a supernet cut by --time-budget or a killed driver goes on from its last checkpoint
     job = make_job("supernet", "supernet", "supernet", settings.seed, net.config, epochs, ctx.runs)
-    job["parent"] = str(Path(settings.parent).resolve()) if settings.parent else None
+    job["parent"] = str(resolve_parent(settings.parent).resolve()) if settings.parent else None
     job["score_images"] = settings.score_images
     cores = cluster.node_cpus(settings.gpus()) or 0  # the whole of a node that has the trial's GPUs
     run_stage(ctx, "supernet", RunsSearcher(ctx.study, [job], settings.max_failures), 1, trainable=train_supernet,
@@ -284,7 +293,9 @@ def _supernet(ctx: StageContext) -> bool:
     return True
 
 
-def _score(ctx: StageContext, stall: int, epochs: int) -> None:
+def score_stage(ctx: StageContext, stall: int, epochs: int) -> None:
+    """Score proposals on the run's supernet.pt until --trials are scored (or the deadline, or the failures); the
+    baseline is scored first."""
     from ray.tune.search import Searcher
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

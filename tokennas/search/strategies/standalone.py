@@ -22,6 +22,7 @@ class Standalone:
     stall = 20
     evaluated = "trained"
     options: tuple[str, ...] = ()
+    no_retrain = ""  # its re-ranking runs are at least one epoch long (--retrain-epochs >= 1)
 
     def validate(self, settings: SearchSettings) -> None:
         pass

@@ -12,6 +12,7 @@ ground truth for ``--resume``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,7 +24,7 @@ from ...config import ModelConfig, config_key
 from . import adapter
 
 OBJECTIVES = ("acc", "pareto")
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "cmaes")
 STUDY_NAME = "tokennas"
 RUNS_STUDY = "tokennas-runs"
 # what identifies a reference or re-ranking run in the runs study: runs of another length are other jobs
@@ -83,6 +84,11 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, trials // 2)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":  # continuous parameters only (the layers space's rates); the others are drawn at random
+        # CMA-ES ignores constraints; the layers space projects every proposal onto the budget, so none is over
+        warnings.filterwarnings("ignore", message="Constraints have been set, but CmaEsSampler", category=UserWarning)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=max(2, min(10, trials // 10)),
+                                            warn_independent_sampling=False)
     raise ValueError(f"invalid --sampler {name!r}; expected one of: {', '.join(SAMPLERS)}")
 
 

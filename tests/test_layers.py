@@ -1,0 +1,199 @@
+"""The layers space (per-block prune/merge schedules of a parent, projected onto the budget), percent budgets, the
+frozen strategy end to end on a tiny trained parent, and the measured speed in its report."""
+
+import json
+import random
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from tokennas import count_flops
+from tokennas.cli import main
+from tokennas.config import load_config
+from tokennas.flops import flops_by_module, parse_budget
+from tokennas.models.schedule_vit import ScheduleViTConfig
+from tokennas.spaces import Inputs
+from tokennas.spaces.layers import LayersSpace, tome_schedule
+from tokennas.speed import throughput_against
+
+TRUNK = {"img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 2, "embed_dim": 32, "depth": 4,
+         "num_heads": 1}
+INPUTS = Inputs(16, 1, 10)
+
+
+def parent_macs() -> int:
+    return count_flops(ScheduleViTConfig(**TRUNK))
+
+
+def random_params(rng: random.Random, depth: int) -> dict:
+    params = {}
+    for b in range(depth):
+        params[f"prune{b}"] = rng.random() if rng.random() < 0.6 else 0.0
+        params[f"merge{b}"] = rng.random() if rng.random() < 0.6 else 0.0
+        if b:
+            params[f"share{b}"] = rng.random() < 0.3
+    return params
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.8])
+def test_every_proposal_is_projected_onto_the_budget_and_monotone(share):
+    budget = int(share * parent_macs())
+    space = LayersSpace(trunk=TRUNK, budget=budget)
+    rng = random.Random(0)
+    costs = []
+    for _ in range(40):
+        params = random_params(rng, TRUNK["depth"])
+        if not any(params[f"{k}{b}"] for k in ("prune", "merge") for b in range(TRUNK["depth"])):
+            continue
+        config = space.build(params, INPUTS)
+        tokens = config.tokens_per_block()["tokens"]
+        assert list(tokens) == sorted(tokens, reverse=True)  # monotone
+        cost = count_flops(config)
+        if cost <= budget:  # a direction that cannot reach the budget gives its strongest schedule (infeasible)
+            costs.append(cost / budget)
+    # the mildest schedule of its direction: within the budget and close to it (one token is ~1/64 of a block)
+    assert len(costs) >= 20 and min(costs) > 0.9 and max(costs) <= 1.0
+
+
+def test_the_closed_form_equals_the_fvcore_trace_on_layers_schedules():
+    space = LayersSpace(trunk=TRUNK, budget=int(0.5 * parent_macs()))
+    rng = random.Random(1)
+    for _ in range(6):
+        config = space.build(random_params(rng, TRUNK["depth"]), INPUTS)
+        assert flops_by_module(config, "fvcore") == flops_by_module(config, "analytic")
+
+
+def test_tome_reference_is_the_smallest_constant_r_within_the_budget():
+    parent = ScheduleViTConfig(**TRUNK)
+    budget = int(0.6 * parent_macs())
+    config = tome_schedule(parent, budget)
+    r = 64 - config.keep_tokens[0]
+    assert count_flops(config) <= budget and r >= 1
+    assert list(config.keep_tokens[:2]) == [64 - r, 64 - 2 * r]
+    milder = tome_schedule(parent, count_flops(config) + 0)  # the same r is found again at its own cost
+    assert milder == config
+    keep, n = [], 64
+    for _ in range(TRUNK["depth"]):
+        n = max(1, n - min(r - 1, (n + 1) // 2))
+        keep.append(n)
+    assert count_flops(parent.replace(keep_tokens=tuple(keep))) > budget  # r - 1 does not fit
+    assert tome_schedule(parent, parent_macs()) == parent  # the parent itself fits a 100% budget
+
+
+def test_percent_budgets_need_a_reference():
+    assert parse_budget("50%", 1000) == 500
+    assert parse_budget("30M") == 30_000_000
+    for bad in ("0%", "150%", "x%"):
+        with pytest.raises(ValueError, match="invalid FLOPs budget"):
+            parse_budget(bad, 1000)
+    with pytest.raises(ValueError, match="needs the parent"):
+        parse_budget("50%")
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "tpe", "random"])
+def test_optuna_samplers_propose_layers_schedules(sampler):
+    """CMA-ES models the continuous rates (its proposals after start-up are relative samples, not independent
+    draws); every sampler's schedules stay within the budget."""
+    from tokennas.search.studies.study import make_sampler
+
+    budget = int(0.5 * parent_macs())
+    space = LayersSpace(trunk=TRUNK, budget=budget)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(sampler, 0, 30))
+    for _ in range(16):
+        trial = study.ask()
+        config = space.suggest(trial, INPUTS)
+        # a made-up objective: keep tokens in the first blocks
+        study.tell(trial, -sum(trial.params[f"prune{b}"] for b in range(2)) if count_flops(config) <= budget else -9)
+    values = [t.params["prune0"] for t in study.trials]
+    assert len(set(values)) == 16 and all(0 <= v <= 1 for v in values)
+
+
+def test_throughput_against_a_reference_is_measured_per_batch():
+    parent = load_config("deit_tiny").replace(img_size=16, patch_size=4, in_chans=1, embed_dim=32, num_heads=1,
+                                              depth=2)
+    from tokennas.config import build_model
+
+    small = parent.replace(reduce_kind="merge", keep_tokens=(8, 4))
+    rows = throughput_against(build_model(parent), {"small": build_model(small)}, 16, 1, (1, 4), rounds=3)
+    assert [(r["name"], r["batch"]) for r in rows] == [("small", 1), ("small", 4)]
+    assert all(r["speedup"] > 0 and r["images_per_s"] > 0 and r["rounds"] >= 3 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_parent(tmp_path_factory):
+    """A 4-block ViT at 16px (64 patch tokens) trained for one epoch on 600 images: seconds."""
+    folder = tmp_path_factory.mktemp("parent")
+    (folder / "vit.yaml").write_text("family: schedule_vit\n" + "".join(f"{k}: {v}\n" for k, v in TRUNK.items()))
+    main_ok(["train", str(folder / "vit.yaml"), "--epochs", "1", "--train-subset", "600", "--out",
+             str(folder / "run")])
+    return folder / "run" / "checkpoint.pt"
+
+
+def main_ok(argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+
+
+def test_a_layers_search_on_a_frozen_parent(tiny_parent, tmp_path, capsys):
+    """`--space layers` needs no --strategy: schedules are scored on the parent's weights, every one within 50% of
+    its MACs, the reference is ToMe's constant r, the exported schedules are timed against the parent, and
+    `tokennas evaluate` runs an exported schedule on the parent."""
+    run_dir = tmp_path / "run"
+    main_ok(["search", "--space", "layers", "--parent", str(tiny_parent), "--flops", "50%", "--trials", "8",
+             "--score-images", "300", "--top", "2", "--seed", "0", "--quiet", "--out", str(run_dir)])
+    budget = parent_macs() // 2
+    frame = pd.read_csv(run_dir / "trials.csv")
+    scored = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    assert len(scored) == 8 and (scored["flops"] <= budget).all() and scored["val_acc"].between(0, 1).all()
+    assert frame[frame["role"] == "baseline"]["state"].tolist() == ["COMPLETE"]
+    best = sorted((run_dir / "best").glob("*.yaml"))
+    assert len(best) == 2 and all(count_flops(load_config(p)) <= budget for p in best)
+    summary = (run_dir / "summary.md").read_text()
+    assert "frozen parent" in summary and "ToMe's constant r" in summary and "against the reference" in summary
+    assert "speed at batch 1" in summary and "speed at batch 256" in summary
+    assert "re-ranking: not asked for (no --finetune-epochs" in summary
+    capsys.readouterr()
+    main_ok(["evaluate", str(best[0]), "--parent", str(tiny_parent), "--split", "test", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["flops"] == count_flops(load_config(best[0])) and 0 <= result["acc"] <= 1
+    assert result["split"] == "test" and result["images"] == 10000
+
+
+def test_layers_needs_a_parent_and_percent_needs_one(tmp_path, capsys):
+    for argv, message in (
+        (["--space", "layers", "--flops", "10M"], "needs --parent"),
+        (["--space", "psvit", "--flops", "50%"], "needs the parent"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["search", *argv, "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # 40 s: two more searches (the samplers' proposals are checked without Ray above)
+def test_cmaes_and_nsga2_drive_a_layers_search(tiny_parent, tmp_path):
+    """CMA-ES over the rates, and NSGA-II with --objective pareto, end in whole run folders."""
+    for sampler, objective in (("cmaes", "acc"), ("nsga2", "pareto")):
+        run_dir = tmp_path / sampler
+        main_ok(["search", "--space", "layers", "--parent", str(tiny_parent), "--flops", "40%", "--trials", "5",
+                 "--sampler", sampler, "--objective", objective, "--score-images", "200", "--top", "1", "--quiet",
+                 "--out", str(run_dir)])
+        frame = pd.read_csv(run_dir / "trials.csv")
+        assert ((frame["role"] == "candidate") & (frame["state"] == "COMPLETE")).sum() == 5
+        assert (run_dir / "report.html").is_file() and list((run_dir / "best").glob("01-*.yaml"))
+
+
+def test_a_schedule_runs_the_parents_weights_unchanged(tiny_parent):
+    """The layers space keeps the parent's weights: a schedule that removes nothing gives the parent's logits."""
+    from tokennas.models.supernet import build_supernet, load_parent
+
+    parent = load_parent(str(tiny_parent), 16, 1, 10)
+    space = LayersSpace(trunk=TRUNK, budget=10 * parent_macs())
+    identity = space.build({}, INPUTS)
+    net = build_supernet([space.parent()], parent)
+    images = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(net.child_model(identity).eval()(images), net.child_model(space.parent()).eval()(images))

@@ -1,0 +1,113 @@
+"""The frozen-parent strategy (``--strategy frozen``, the default for ``--space layers``): token schedules of a trained
+ViT, scored on its own weights.
+
+1. **The parent** (``--parent``: a shipped parent's name, a ``tokennas train`` checkpoint or a timm ViT/DeiT state
+   dict) is used as it is: its classifier must fit the data. It is kept in the run folder as ``supernet.pt`` (a
+   supernet of one trunk), which fine-tuning starts from.
+2. **Scoring.** Optuna's sampler (``--sampler tpe``, ``cmaes`` over the continuous rates, ``nsga2`` with ``--objective
+   pareto``, or ``random``) proposes schedules, each projected onto the budget by the space; each new schedule is
+   scored by its validation accuracy on the parent's weights, on the first ``--score-images`` images of the
+   validation split (the same ``BudgetSearcher`` and scoring loop as the one-shot strategy: repeats are never scored
+   twice). The space's reference, ToMe's constant r within the budget, is scored the same way.
+3. **Speed.** The ``--top`` schedules and the reference are timed against the parent at batch 1 and batch 256,
+   interleaved (``tokennas.speed``); the report lists their speed-ups and flags any slower than the parent.
+4. **Fine-tuning** (optional, ``--finetune-epochs N``): the top ``--retrain-top`` schedules and the reference are
+   fine-tuned from the parent's weights for N epochs on ``--retrain-seeds`` seeds, through Ray Tune, and re-ranked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...config import ModelConfig, config_from_dict
+from ...models.supernet import Supernet, build_supernet, load_parent
+from ...speed import throughput_against
+from ..settings import SearchSettings
+from ..stages import Prepared, StageContext
+from .oneshot import check_scoring, drop_baseline_unless_held, score_stage, supernet_path
+
+FROZEN_SPACES = ("layers",)  # spaces whose candidates are schedules of one parent, weights unchanged
+SPEED_BATCHES = (1, 256)
+
+
+class Frozen:
+    name = "frozen"
+    stall = 4  # scoring costs seconds: the same rule as the one-shot strategy's
+    evaluated = "scored"
+    options = ("parent", "finetune_epochs", "score_images")
+    no_retrain = "no --finetune-epochs: the schedules run on the parent's weights as they are"
+
+    def validate(self, settings: SearchSettings) -> None:
+        if settings.space not in FROZEN_SPACES:
+            raise ValueError(f"invalid --space {settings.space!r} for --strategy frozen; expected one of: "
+                             f"{', '.join(FROZEN_SPACES)} (schedules of one trained parent)")
+        if settings.parent is None:
+            raise ValueError("--strategy frozen needs --parent (a trained ViT: a shipped parent's name such as "
+                             "fmnist-vit, a `tokennas train` checkpoint.pt or a timm ViT/DeiT state dict)")
+        check_scoring(settings)
+
+    def check(self, settings: SearchSettings, prepared: Prepared) -> None:
+        """The parent loads, its classifier fits the data, and it runs the space's schedules and the reference."""
+        drop_baseline_unless_held(_parent_net(settings, prepared), prepared, "the parent cannot run it")
+
+    def search_stage(self, ctx: StageContext) -> None:
+        if not supernet_path(ctx.run_dir).is_file():
+            _parent_net(ctx.settings, ctx.prepared).save(supernet_path(ctx.run_dir), parent=ctx.settings.parent,
+                                                          epochs=0)
+        if ctx.time_left():
+            score_stage(ctx, self.stall, self.search_epochs(ctx.settings))
+        if ctx.time_left() and "speed" not in ctx.study.user_attrs:
+            measure_speed(ctx)
+
+    def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
+        try:
+            Supernet.load(supernet_path(run_dir)).check(config)
+        except ValueError:
+            return None
+        return {"init": str(supernet_path(run_dir).resolve())}
+
+    def search_epochs(self, settings: SearchSettings) -> int:
+        return 0  # scored on the parent's weights, not trained
+
+    def retrain_epochs(self, settings: SearchSettings) -> int:
+        return settings.finetune_epochs
+
+    def describe(self, settings: SearchSettings, run_dir: Path) -> list[str]:
+        lines = [f"- strategy: frozen parent; schedules scored on the weights of --parent {settings.parent} as they "
+                 f"are, on the first {settings.score_images} validation images, with no training (`scored` in "
+                 "trials.csv)"]
+        if settings.finetune_epochs:
+            lines.append(f"- re-ranking: the top {settings.retrain_top} and the reference fine-tuned from the "
+                         f"parent's weights for {settings.finetune_epochs} epochs")
+        return lines
+
+
+def _parent_net(settings: SearchSettings, prepared: Prepared) -> Supernet:
+    inputs = prepared.inputs
+    parent = load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes)
+    if not parent.head_kept:
+        raise ValueError(f"invalid --parent {settings.parent!r}: its classifier does not fit the data's "
+                         f"{inputs.num_classes} classes; the frozen strategy scores schedules with the parent's own "
+                         "classifier (fine-tune it with `tokennas train` first)")
+    return build_supernet([prepared.space.parent()], parent)
+
+
+def measure_speed(ctx: StageContext) -> None:
+    """Time the ``--top`` schedules and the reference against the parent (batch 1 and 256, interleaved); the rows go
+    into the study (``speed``), which the report reads."""
+    from ...report.tables import ranked, trial_table
+
+    settings, study = ctx.settings, ctx.study
+    top = ranked(trial_table(study), settings.objective).head(settings.top)
+    if top.empty:
+        return
+    net = Supernet.load(supernet_path(ctx.run_dir)).eval()
+    configs = {t.number: t.user_attrs["config"] for t in study.get_trials(deepcopy=False)
+               if t.number in set(top["number"])}
+    models = {f"trial {int(n)}": net.child_model(config_from_dict(configs[int(n)])) for n in top["number"]}
+    if ctx.prepared.baseline is not None:
+        models["reference"] = net.child_model(ctx.prepared.baseline)
+    parent = net.child_model(ctx.prepared.space.parent())
+    rows = throughput_against(parent, models, settings.img_size, ctx.prepared.inputs.in_chans, SPEED_BATCHES)
+    study.set_user_attr("speed", rows)
