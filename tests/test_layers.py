@@ -116,9 +116,14 @@ def test_throughput_against_a_reference_is_measured_per_batch():
     from tokennas.config import build_model
 
     small = parent.replace(reduce_kind="merge", keep_tokens=(8, 4))
-    rows = throughput_against(build_model(parent), {"small": build_model(small)}, 16, 1, (1, 4), rounds=3)
-    assert [(r["name"], r["batch"]) for r in rows] == [("small", 1), ("small", 4)]
+    # a contender may be called "reference" (the search's ToMe schedule): it is still timed against the parent
+    rows = throughput_against(build_model(parent), {"small": build_model(small), "reference": build_model(parent)},
+                              16, 1, (1, 4), rounds=3)
+    assert [(r["name"], r["batch"]) for r in rows] == [("small", 1), ("reference", 1), ("small", 4), ("reference", 4)]
     assert all(r["speedup"] > 0 and r["images_per_s"] > 0 and r["rounds"] >= 3 for r in rows)
+    # the parent against itself: the paired ratios straddle 1 (not the contender's own step timed twice)
+    same = [r for r in rows if r["name"] == "reference"]
+    assert all(r["images_per_s"] != r["reference_images_per_s"] for r in same)
 
 
 @pytest.fixture(scope="module")
