@@ -68,6 +68,10 @@ def test_markdown_subset_becomes_html():
             "</td></tr><tr><td>2</td><td></td></tr></tbody></table>") in page
     assert page.endswith("<p>A paragraph over two lines.</p>\n<p>| not a table</p>")  # a lone "|" line is text
     assert "|---|" not in page and "<b>" not in page
+    # **bold** (a schedule slower than its parent is flagged so), also in table cells, its content still escaped
+    assert markdown_html("| a |\n|---|\n| 0.9x **SLOWER <x>** |\n") == (
+        "<table><thead><tr><th>a</th></tr></thead><tbody><tr><td>0.9x <strong>SLOWER &lt;x&gt;</strong></td></tr>"
+        "</tbody></table>")
 
 
 def test_export_refuses_a_folder_of_user_configs(run_dir, tmp_path):

@@ -21,9 +21,17 @@ def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip()[1:-1].split("|")]
 
 
+BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with ``**bold**`` as <strong>."""
+    return BOLD.sub(r"<strong>\1</strong>", html.escape(text))
+
+
 def markdown_html(text: str) -> str:
     """The subset of markdown that ``summary.md`` is written in, as HTML: ``#`` headings, ``- `` bullets,
-    ``| a | b |`` tables under a ``|---|`` line, and paragraphs. Every piece of text is escaped."""
+    ``| a | b |`` tables under a ``|---|`` line, paragraphs and ``**bold**``. Every piece of text is escaped."""
     lines, parts, i = text.splitlines(), [], 0
     while i < len(lines):
         line = lines[i].strip()
@@ -36,14 +44,14 @@ def markdown_html(text: str) -> str:
         elif line.startswith("- "):
             items = []
             while i < len(lines) and lines[i].strip().startswith("- "):
-                items.append(f"<li>{html.escape(lines[i].strip()[2:])}</li>")
+                items.append(f"<li>{_inline(lines[i].strip()[2:])}</li>")
                 i += 1
             parts.append(f"<ul>{''.join(items)}</ul>")
         elif line.startswith("|") and i + 1 < len(lines) and SEPARATOR.match(lines[i + 1].strip()):
-            head = "".join(f"<th>{html.escape(cell)}</th>" for cell in _cells(line))
+            head = "".join(f"<th>{_inline(cell)}</th>" for cell in _cells(line))
             rows, i = [], i + 2
             while i < len(lines) and lines[i].strip().startswith("|"):
-                rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(lines[i])) + "</tr>")
+                rows.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(lines[i])) + "</tr>")
                 i += 1
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
         else:  # a paragraph runs to the next blank line or block (a stray "|" line is text too)
@@ -52,7 +60,7 @@ def markdown_html(text: str) -> str:
                     and not lines[i].strip().startswith(("- ", "|")):
                 words.append(lines[i].strip())
                 i += 1
-            parts.append(f"<p>{html.escape(' '.join(words))}</p>")
+            parts.append(f"<p>{_inline(' '.join(words))}</p>")
     return "\n".join(parts)
 
 
