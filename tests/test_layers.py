@@ -160,6 +160,13 @@ def test_a_layers_search_on_a_frozen_parent(tiny_parent, tmp_path, capsys):
     assert "frozen parent" in summary and "ToMe's constant r" in summary and "against the reference" in summary
     assert "speed at batch 1" in summary and "speed at batch 256" in summary
     assert "re-ranking: not asked for (no --finetune-epochs" in summary
+    main_ok(["search", "--resume", str(run_dir), "--trials", "12", "--quiet"])  # extends the search: 4 more
+    frame = pd.read_csv(run_dir / "trials.csv")
+    assert ((frame["role"] == "candidate") & (frame["state"] == "COMPLETE")).sum() == 12
+    timed = [line.split(" | ")[0].strip("| ") for line in (run_dir / "summary.md").read_text().splitlines()
+             if line.startswith("| trial ") or line.startswith("| reference ")]
+    best = sorted((run_dir / "best").glob("*.yaml"))
+    assert set(timed) == {f"trial {p.name.split('-')[1][5:]}" for p in best} | {"reference"}  # the new top, timed
     capsys.readouterr()
     main_ok(["evaluate", str(best[0]), "--parent", str(tiny_parent), "--split", "test", "--json"])
     result = json.loads(capsys.readouterr().out)

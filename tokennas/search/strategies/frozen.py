@@ -57,7 +57,7 @@ class Frozen:
                                                           epochs=0)
         if ctx.time_left():
             score_stage(ctx, self.stall, self.search_epochs(ctx.settings))
-        if ctx.time_left() and "speed" not in ctx.study.user_attrs:
+        if ctx.time_left():
             measure_speed(ctx)
 
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
@@ -100,8 +100,9 @@ def measure_speed(ctx: StageContext) -> None:
 
     settings, study = ctx.settings, ctx.study
     top = ranked(trial_table(study), settings.objective).head(settings.top)
-    if top.empty:
-        return
+    measured = {row["name"] for row in study.user_attrs.get("speed", [])}
+    if top.empty or measured == {f"trial {int(n)}" for n in top["number"]} | {"reference"} & measured:
+        return  # these very schedules were timed (a resumed run that scored nothing better)
     net = Supernet.load(supernet_path(ctx.run_dir)).eval()
     configs = {t.number: t.user_attrs["config"] for t in study.get_trials(deepcopy=False)
                if t.number in set(top["number"])}
