@@ -81,3 +81,36 @@ def test_tokennas_train_resumes_a_killed_run_from_its_last_epoch(tmp_path):
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     assert history["val_acc"].tolist()[: len(first)] == [h["val_acc"] for h in first]  # kept, not retrained
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 4 and not (out / "last.pt").exists()
+
+
+def test_tokennas_train_init_starts_from_a_checkpoints_weights(tmp_path, capsys):
+    """--init: a second schedule from a trained checkpoint. At a learning rate too small to move the weights, the
+    run ends where the checkpoint was (a fresh initialisation at that rate does not); another config's checkpoint is
+    refused."""
+    import json
+
+    from tokennas.cli import main
+
+    def train(*argv):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", *argv])
+        return exit_.value.code
+
+    (tmp_path / "vit.yaml").write_text("family: schedule_vit\nimg_size: 12\nin_chans: 1\nnum_classes: 10\n"
+                                       "patch_size: 2\nembed_dim: 16\ndepth: 2\nnum_heads: 1\n")
+    short = ["--epochs", "1", "--train-subset", "1000"]
+    assert train(str(tmp_path / "vit.yaml"), *short, "--out", str(tmp_path / "a")) == 0
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())["test_acc"]
+    assert train(str(tmp_path / "vit.yaml"), *short, "--lr", "1e-12", "--init", str(tmp_path / "a" / "checkpoint.pt"),
+                 "--out", str(tmp_path / "b")) == 0
+    assert train(str(tmp_path / "vit.yaml"), *short, "--lr", "1e-12", "--out", str(tmp_path / "fresh")) == 0
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())["test_acc"]
+    fresh = json.loads((tmp_path / "fresh" / "metrics.json").read_text())["test_acc"]
+    # (timm's warm-up starts at 1e-5 whatever the --lr, so the weights move a hair: a few of 10,000 images flip)
+    assert abs(resumed - first) <= 0.003 and abs(fresh - first) > 0.03
+    (tmp_path / "wide.yaml").write_text((tmp_path / "vit.yaml").read_text().replace("embed_dim: 16", "embed_dim: 32"))
+    capsys.readouterr()
+    assert train(str(tmp_path / "wide.yaml"), *short, "--init", str(tmp_path / "a" / "checkpoint.pt"), "--out",
+                 str(tmp_path / "c")) == 2
+    err = capsys.readouterr().err
+    assert "invalid --init" in err and "another config" in err and not (tmp_path / "c").exists()

@@ -259,6 +259,9 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch "
                                 "(--out/last.pt, written after every epoch), with the same config and options."),
+    init: Path | None = typer.Option(None, help="Start from the weights of this `tokennas train` checkpoint.pt (the "
+                                     "same config) instead of a fresh initialisation: a second, shorter schedule, "
+                                     "e.g. at a lower --lr."),
 ) -> None:
     """Train a config for longer, then evaluate it once on the test split. After every epoch the state is kept in
     --out/last.pt, so that a killed run goes on with --resume; it is removed when the run has finished."""
@@ -277,6 +280,7 @@ def train(
         check_out,
         evaluate,
         fit,
+        initial_weights,
         load_resume_state,
         save_checkpoint,
         write_atomic,
@@ -296,7 +300,7 @@ def train(
             raise ValueError(message)
     check_out(out)  # before the training, so that no earlier run is replaced and no hours are lost
     options = {"epochs": epochs, "dataset": dataset, "train_subset": train_subset, "batch_size": batch_size, "lr": lr,
-               "seed": seed}  # what the run's course depends on: --resume must repeat them
+               "seed": seed, "init": str(init) if init else None}  # the run's course: --resume must repeat them
     state = load_resume_state(out, model_config, options) if resume else None
     if not resume and (out / RESUME_STATE).exists():
         raise ValueError(f"--out {str(out)!r} holds an unfinished run ({RESUME_STATE}); continue it with --resume "
@@ -315,7 +319,8 @@ def train(
                       f"val_acc {metrics['val_acc']:.4f}  ({metrics['epoch_seconds']:.0f} s)")
 
     try:
-        model, metrics = fit(model_config, data, settings, on_epoch, resume=state)
+        model, metrics = fit(model_config, data, settings, on_epoch, resume=state,
+                             init=initial_weights(init, model_config) if init and state is None else None)
     except NonFiniteLoss as err:  # a run that failed, not bad input: exit 1, and --out is left untouched
         print(f"error: training diverged: {err}; nothing was written to {str(out)!r}", file=sys.stderr)
         raise typer.Exit(1) from None

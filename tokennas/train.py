@@ -210,14 +210,28 @@ def load_resume_state(out: Path, config: ModelConfig, options: dict[str, Any]) -
     if not path.is_file():
         raise ValueError(f"invalid --resume: {str(path)!r} does not exist; nothing to continue in --out {str(out)!r}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["config"] != config.to_dict():
+    if config_from_dict(state["config"]).to_dict() != config.to_dict():  # read again: fields added since have defaults
         raise ValueError(f"invalid --resume: the run in {str(out)!r} trains another config; pass the same config")
     for name, value in options.items():
-        if state["options"][name] != value:
+        started = state["options"].get(name)  # an option newer than the run was not given to it
+        if started != value:
             flag = f"--{name.replace('_', '-')}"
             raise ValueError(f"invalid --resume with {flag} {value}: the run in {str(out)!r} was started with "
-                             f"{flag} {state['options'][name]}; pass the same options")
+                             f"{flag} {started}; pass the same options")
     return state
+
+
+def initial_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """``tokennas train --init``: the weights of a ``tokennas train`` checkpoint of the same config."""
+    if not Path(path).is_file():
+        raise ValueError(f"invalid --init {str(path)!r}: no such file; expected a `tokennas train` checkpoint.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"invalid --init {str(path)!r}: not a `tokennas train` checkpoint (no model and config)")
+    if config_from_dict(state["config"]).to_dict() != config.to_dict():
+        raise ValueError(f"invalid --init {str(path)!r}: its weights are of another config; pass the config it was "
+                         "trained with")
+    return state["model"]
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
