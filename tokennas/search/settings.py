@@ -101,6 +101,10 @@ class SearchSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.sampler == "cmaes" and getattr(get_space(self.space), "enumerable", True):
+            raise ValueError(f"invalid --sampler cmaes for --space {self.space}: CMA-ES models continuous parameters "
+                             f"and {self.space}'s are categorical (it would draw them at random); use tpe, nsga2 or "
+                             "random, or cmaes with --space layers")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
         if self.gpus_per_trial and self.local_ray:  # a cluster's GPUs are checked once it is joined
