@@ -143,7 +143,8 @@ def test_hvt_pareto_nsga2_search(tmp_path):
     # the one-shot strategy's options (tests/test_oneshot.py has the parent too narrow for the space)
     (("--space", "psvit", "--flops", "30M", "--parent", "x.pt"), "--parent needs --strategy oneshot"),
     (("--space", "crossvit", "--flops", "30M", "--strategy", "oneshot"), "invalid --space 'crossvit'"),
-    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--parent", "missing.pt"), "no such file"),
+    (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--parent", "missing.pt"),
+     "neither a file nor a shipped parent"),
     (("--space", "psvit", "--flops", "30M", "--strategy", "magic"), "invalid --strategy 'magic'"),
     (("--space", "psvit", "--flops", "30M", "--strategy", "oneshot", "--score-images", "0"),
      "invalid --score-images 0"),

@@ -186,7 +186,10 @@ def with_defaults(options: dict) -> dict:
         if options.get("parent"):
             from ..models.supernet import parent_uniform_config
 
-            options["img_size"] = parent_uniform_config(options["parent"]).img_size
+            try:
+                options["img_size"] = parent_uniform_config(options["parent"]).img_size
+            except ValueError:
+                pass  # a bad --parent is refused by the validation, after the options that come first
     return options
 
 
