@@ -58,7 +58,7 @@ def test_tokennas_train_resumes_a_killed_run_from_its_last_epoch(tmp_path):
                                        "patch_size: 2\nembed_dim: 16\ndepth: 2\nnum_heads: 1\n")
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "tokennas.cli", "train", str(tmp_path / "vit.yaml"), "--epochs", "4",
-            "--train-subset", "2000", "--out", str(out)]
+            "--train-subset", "1000", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
