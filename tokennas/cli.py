@@ -118,7 +118,9 @@ def search(
                                 "torch/cifar10, or folder (an image folder with train/ and validation/)."),
     data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),
     img_size: int | None = typer.Option(None, help="Input resolution; FLOPs are counted at it [default: the "
-                                        "--parent's, else 32]."),
+                                        "--parent's; else 32 on the embedded data (224 when the budget constrains "
+                                        "nothing at 32px), 224 on folders and timm datasets]. A resolution at which "
+                                        "the budget constrains nothing is refused."),
     train_subset: int | None = typer.Option(None, help="Train on the first N training images (quick searches)."),
     batch_size: int = typer.Option(64, help="Training batch size (at most the training split)."),
     lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly), > 0."),
@@ -182,7 +184,10 @@ def search(
     else:
         if space is None or flops is None:
             raise ValueError("--space and --flops are required (or --resume RUN_DIR)")
-        run_dir = run_search(SearchSettings(**with_defaults(options)), out=out, progress=not quiet)
+        resolved, notice = with_defaults(options)
+        if notice:
+            console.print(notice)
+        run_dir = run_search(SearchSettings(**resolved), out=out, progress=not quiet)
     console.print(f"results in {run_dir}: trials.csv, ranking.csv, retrain.csv, best/, pareto.png, report.html, "
                   "summary.md")
     console.print((run_dir / "summary.md").read_text())
@@ -479,6 +484,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         code = 1
+    except BaseException as err:
+        if type(err).__name__ != "Interrupted":  # SIGINT or SIGTERM stopped a search (search/signals.py)
+            raise
+        print(str(err).splitlines()[0], file=sys.stderr)
+        code = err.code
     sys.exit(code if isinstance(code, int) else 0)
 
 

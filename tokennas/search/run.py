@@ -38,6 +38,7 @@ from ..spaces import Inputs
 from ..train import check_folder_path
 from . import strategies
 from .settings import SearchSettings, load_settings, parse_duration, save_settings
+from .signals import GracefulStop, Interrupted
 from .stages import Prepared, StageContext, has_run, make_job, trained_count
 from .studies import study as S
 from .studies.storage import check_compatible, is_shared, open_storage, recover_lost_trials, redact
@@ -131,6 +132,12 @@ def run_search(settings: SearchSettings | None, out: Path | None = None, resume:
 
     Raises ``SearchFailed`` (after writing the reports) when the search stopped on failures, trained nothing or
     left a stage incomplete; ``ValueError`` for bad input, before anything is written."""
+    with GracefulStop() as stop:
+        return _run(settings, out, resume, progress, overrides, stop)
+
+
+def _run(settings: SearchSettings | None, out: Path | None, resume: Path | None, progress: bool,
+         overrides: dict[str, Any] | None, stop: GracefulStop) -> Path:
     if resume is not None:
         run_dir = resume
         settings = resume_settings(run_dir, overrides or {})
@@ -144,6 +151,7 @@ def run_search(settings: SearchSettings | None, out: Path | None = None, resume:
     storage = open_storage(settings.storage, run_dir, settings.heartbeat)
     settings = dataclasses.replace(settings, storage=redact(settings.storage))
     cluster.connect(settings.ray_address, _gpu_count())
+    stop.arm()
     try:
         cluster.check_data_dir(settings.data_dir if settings.dataset in ("folder", "imagefolder") else None)
         if settings.gpus() > 0 and not cluster.has_gpus():
@@ -157,12 +165,22 @@ def run_search(settings: SearchSettings | None, out: Path | None = None, resume:
             run_dir = create_run(settings, run_dir, storage)
         log_to(run_dir / "search.log")
         study, runs = _open_studies(settings, storage, resume is not None)
-        ctx = StageContext(settings, prepared, study, runs, run_dir, deadline, progress)
+        ctx = StageContext(settings, prepared, study, runs, run_dir, deadline, progress, stop)
         _stages(ctx)
     finally:
         cluster.disconnect()
+    if ctx.stopped_by_signal:
+        raise Interrupted(stop.signum, f"stopped by {ctx.stopped_by_signal}: {_progress_note(ctx)}; the reports "
+                                       f"are written; `tokennas search --resume {run_dir}` completes the run")
     _raise_on_failure(ctx)
     return run_dir
+
+
+def _progress_note(ctx: StageContext) -> str:
+    stages = ctx.study.user_attrs.get("stages", {})
+    return "; ".join(f"{label}: {stages[stage]['note']}" for stage, label in (("search", "search"),
+                                                                              ("retrain", "re-ranking"))
+                     if stage in stages)
 
 
 def _open_studies(settings: SearchSettings, storage: Any, resume: bool):
@@ -240,7 +258,7 @@ def _search_status(ctx: StageContext) -> dict[str, Any]:
     trained = trained_count(ctx.study)
     if trained >= ctx.settings.trials:
         return {"done": True, "note": f"{trained} candidates evaluated"}
-    why = ("stopped by --max-failures" if _stopped(ctx) else "cut by --time-budget" if not ctx.time_left()
+    why = ("stopped by --max-failures" if _stopped(ctx) else ctx.cut_reason() if not ctx.time_left()
            else "ended early")
     return {"done": False, "note": f"{trained} of {ctx.settings.trials} candidates evaluated: {why}"}
 
@@ -288,7 +306,7 @@ def _retrain_status(ctx: StageContext, strategy, skipped: list[str]) -> dict[str
     if failed:
         note += f", {failed} failed"
     if outcome.count("MISSING"):
-        why = "cut by --time-budget" if not ctx.time_left() else "stopped by --max-failures" if _stopped(ctx) \
+        why = ctx.cut_reason() if not ctx.time_left() else "stopped by --max-failures" if _stopped(ctx) \
             else "interrupted"
         note += f", {outcome.count('MISSING')} not run ({why})"
     if skipped:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..data import AUGMENTS, EMBEDDED
-from ..flops import parse_budget
+from ..flops import format_flops, parse_budget
 from ..spaces import get_space
 from .studies import study as S
 
@@ -174,15 +174,33 @@ def parent_flops(parent: str, img_size: int) -> int:
     return sum(parent_uniform_config(parent, img_size).flops_by_module().values())
 
 
-def with_defaults(options: dict) -> dict:
-    """Options left unset (None) on the command line, resolved: ``--strategy`` is the space's default strategy
-    (``frozen`` for ``layers``, else ``standalone``); ``--img-size`` is the parent's resolution with a --parent,
-    else 32."""
+# Budgets such as "4G" are written at ImageNet's 224px (DeiT-S: 4.6G); the resolutions a refusal may name.
+CONVENTION_PX = 224
+RESOLUTIONS = (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384, 448, 512)
+
+
+@functools.lru_cache(maxsize=64)
+def largest_candidate(space: str, img_size: int, in_chans: int) -> int:
+    """MACs of the space's costliest candidate at a resolution (10 classes: the head barely counts)."""
+    from ..spaces.base import Inputs
+
+    return get_space(space).max_flops(Inputs(img_size, in_chans, 10))
+
+
+def with_defaults(options: dict) -> tuple[dict, str | None]:
+    """Options left unset (None) on the command line, resolved, and a one-line notice to print when the
+    resolution was chosen for the budget. ``--strategy`` is the space's default strategy (``frozen`` for
+    ``layers``, else ``standalone``). ``--img-size`` is the parent's resolution with a --parent, else the data's
+    own (32 for the embedded data, 224 for image folders and timm datasets); a budget that constrains nothing
+    there (at or above the space's costliest candidate) is counted at 224px, the convention it is written in.
+    An explicit ``--img-size`` at which the budget constrains nothing is refused (``ValueError``)."""
     options = dict(options)
+    space = get_space(options["space"])
     if options.get("strategy") is None:
-        options["strategy"] = getattr(get_space(options["space"]), "default_strategy", "standalone")
-    if options.get("img_size") is None:
-        options["img_size"] = 32
+        options["strategy"] = getattr(space, "default_strategy", "standalone")
+    explicit = options.get("img_size") is not None
+    if not explicit:
+        options["img_size"] = 32 if options.get("dataset", EMBEDDED) == EMBEDDED else CONVENTION_PX
         if options.get("parent"):
             from ..models.supernet import parent_uniform_config
 
@@ -190,7 +208,29 @@ def with_defaults(options: dict) -> dict:
                 options["img_size"] = parent_uniform_config(options["parent"]).img_size
             except ValueError:
                 pass  # a bad --parent is refused by the validation, after the options that come first
-    return options
+    # with a parent (layers, or a trunk that fixes the resolution) the parent's resolution stands
+    if options.get("parent") or not getattr(space, "enumerable", True):
+        return options, None
+    return options, fit_resolution(options, explicit)
+
+
+def fit_resolution(options: dict, explicit: bool) -> str | None:
+    """Moves an implicit resolution to 224px when the budget constrains nothing at it (returns the notice), and
+    refuses an explicit one (or a budget that binds at no resolution up to 512px)."""
+    flops, name, size = options["flops"], options["space"], options["img_size"]
+    budget = parse_budget(flops)
+    chans = 1 if options.get("dataset", EMBEDDED) == EMBEDDED else 3
+    largest = largest_candidate(name, size, chans)
+    if budget < largest:
+        return None
+    why = f"the largest {name} candidate costs {format_flops(largest)} at {size}px"
+    if not explicit and size < CONVENTION_PX and largest_candidate(name, CONVENTION_PX, chans) > budget:
+        options["img_size"] = CONVENTION_PX
+        return f"--flops {flops} constrains nothing at {size}px ({why}); searching at {CONVENTION_PX}px"
+    implied = next((r for r in RESOLUTIONS if r > size and largest_candidate(name, r, chans) > budget), None)
+    hint = f"it is a budget for {implied}px (--img-size {implied})" if implied else \
+        f"it binds at no resolution up to {RESOLUTIONS[-1]}px; lower it"
+    raise ValueError(f"invalid --flops {flops} at --img-size {size}: it constrains nothing there ({why}); {hint}")
 
 
 def parse_duration(text: str) -> float:

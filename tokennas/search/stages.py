@@ -46,9 +46,20 @@ class StageContext:
     run_dir: Path
     deadline: float | None  # time.monotonic() at which --time-budget ends the run
     progress: bool
+    stop: Any = None  # signals.GracefulStop: its ``signum`` once SIGINT or SIGTERM asked the run to stop
 
     def time_left(self) -> bool:
-        return self.deadline is None or self.deadline > time.monotonic()
+        """Neither the deadline has passed nor a signal asked the run to stop."""
+        return (self.deadline is None or self.deadline > time.monotonic()) and not self.stopped_by_signal
+
+    @property
+    def stopped_by_signal(self) -> str:
+        """The signal's name (SIGINT, SIGTERM) once one asked the run to stop, else ''."""
+        return self.stop.name if self.stop is not None else ""
+
+    def cut_reason(self) -> str:
+        """Why a stage was cut short when ``time_left()`` is False."""
+        return f"stopped by {self.stopped_by_signal}" if self.stopped_by_signal else "cut by --time-budget"
 
 
 def trained_count(study: optuna.Study) -> int:
@@ -68,7 +79,7 @@ def resume_point(runs: optuna.Study, job: dict[str, Any]) -> str | None:
     key = S.job_key(job)
     cut = [t.user_attrs["checkpoint"] for t in runs.get_trials(deepcopy=False, states=(TrialState.FAIL,))
            if S.job_key(t.user_attrs) == key and "interrupted" in t.user_attrs
-           and Path(t.user_attrs.get("checkpoint", "")).exists()]
+           and "checkpoint" in t.user_attrs and Path(t.user_attrs["checkpoint"]).exists()]  # none before epoch 1
     return cut[-1] if cut else None
 
 

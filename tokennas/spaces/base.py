@@ -63,6 +63,11 @@ class Space:
         """The smallest cost any candidate reaches, by exhaustive analytic count."""
         return min(sum(self.build(p, inputs).flops_by_module().values()) for p in self.grid(inputs))
 
+    def max_flops(self, inputs: Inputs) -> int:
+        """The largest cost any candidate reaches, by exhaustive analytic count: a budget at or above it constrains
+        nothing."""
+        return max(sum(self.build(p, inputs).flops_by_module().values()) for p in self.grid(inputs))
+
     def feasible(self, budget: int, inputs: Inputs) -> tuple[dict[str, dict[str, Any]], int]:
         """The distinct configs within ``budget`` (canonical config key -> one parameter set that builds it),
         and the smallest cost in the space. Many parameter sets can build one config (a pooling kind with

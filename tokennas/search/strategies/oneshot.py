@@ -297,7 +297,14 @@ def score_stage(ctx: StageContext, stall: int, epochs: int) -> None:
     """Score proposals on the run's supernet.pt until --trials are scored (or the deadline, or the failures); the
     baseline is scored first."""
     from ray.tune.search import Searcher
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     settings, study = ctx.settings, ctx.study
     net = Supernet.load(supernet_path(ctx.run_dir)).eval()
@@ -310,7 +317,7 @@ def score_stage(ctx: StageContext, stall: int, epochs: int) -> None:
                               feasible=ctx.prepared.feasible, jobs=jobs, seed=settings.seed + len(study.trials))
     todo = max(0, settings.trials - trained_count(study))
     columns = [TextColumn("scoring on shared weights"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[note]}")]
+               TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}")]
     best, n = 0.0, 0
     with Progress(*columns, disable=not ctx.progress, transient=False) as bar, \
             Heartbeat(study, searcher.held_trials):

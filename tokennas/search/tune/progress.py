@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ class LiveTable(Callback):
                  enabled: bool = True) -> None:
         self.searcher, self.settings, self.remaining, self.stage = searcher, settings, remaining, stage
         self.rows: dict[str, dict[str, Any]] = {}
+        self.epoch_seconds: list[float] = []  # every epoch timed so far in this stage, for the ETA
         self.started = time.monotonic()
         self.live = Live(self.render(), console=Console(stderr=True), refresh_per_second=2,
                          transient=False) if enabled else None
@@ -43,7 +45,8 @@ class LiveTable(Callback):
         table = Table(title=f"tokennas {self.stage}: {self.settings.space} under {self.settings.flops} MACs  "
                             f"{done}/{self.remaining} trained, {failed} failed, "
                             f"{getattr(self.searcher, 'infeasible', 0)} proposals over budget, "
-                            f"{getattr(self.searcher, 'repeats', 0)} repeats, {time.monotonic() - self.started:.0f}s")
+                            f"{getattr(self.searcher, 'repeats', 0)} repeats, {time.monotonic() - self.started:.0f}s"
+                            f"{self.eta_text()}")
         for column in ("trial", "role", "state", "FLOPs", "epoch", "val_acc"):
             table.add_column(column, justify="right" if column != "state" else "left")
         for row in self.rows.values():
@@ -52,16 +55,22 @@ class LiveTable(Callback):
                           str(row.get("epoch", 0)), acc)
         return table
 
+    def eta_text(self) -> str:
+        seconds = eta_seconds(self.rows.values(), self.remaining, self.settings.epochs, self.epoch_seconds)
+        return "" if seconds is None else f", ETA {format_duration(seconds)}"
+
     def _update(self, trial: Any, **changes: Any) -> None:
         row = self.rows.setdefault(trial.trial_id, {"number": trial.config.get("number"),
                                                     "role": trial.config.get("role", "candidate"),
-                                                    "flops": trial.config.get("flops", 0), "state": "PENDING"})
+                                                    "flops": trial.config.get("flops", 0), "state": "PENDING",
+                                                    "planned": trial.config.get("epochs", self.settings.epochs),
+                                                    "clock": time.monotonic()})
         row.update(changes)
         if self.live is not None:
             self.live.update(self.render())
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._update(trial, state="RUNNING")
+        self._update(trial, state="RUNNING", clock=time.monotonic())
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "error" in result:  # the trainable caught the candidate's failure
@@ -69,7 +78,10 @@ class LiveTable(Callback):
         elif "epoch_progress" in result:  # progress inside an epoch (the supernet)
             self._update(trial, epoch=f"{result.get('epoch_progress', 0):.1f}")
         else:
-            self._update(trial, epoch=result.get("epoch"), val_acc=result.get("val_acc"))
+            now, row = time.monotonic(), self.rows.get(trial.trial_id)
+            if row is not None and result.get("epoch"):  # one epoch since the trial's last report (or its start)
+                self.epoch_seconds.append(now - row["clock"])
+            self._update(trial, epoch=result.get("epoch"), val_acc=result.get("val_acc"), clock=now)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.rows.get(trial.trial_id, {}).get("state") == "ERROR":
@@ -80,3 +92,26 @@ class LiveTable(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, state="ERROR")
+
+
+def eta_seconds(rows: Any, remaining: int, epochs: int, epoch_seconds: list[float]) -> float | None:
+    """Seconds the stage still needs, from the epochs timed so far (None before the first): the epochs left to the
+    running and pending trials and to the trials not started yet (``epochs`` each; ASHA may stop some sooner, so it
+    is an upper estimate), at the median epoch time, spread over the trials running side by side."""
+    if not epoch_seconds:
+        return None
+    rows = list(rows)
+    open_rows = [r for r in rows if r["state"] in ("PENDING", "RUNNING")]
+    left = sum(max(0.0, r.get("planned", epochs) - float(r.get("epoch") or 0)) for r in open_rows)
+    left += max(0, remaining - len(rows)) * epochs
+    side_by_side = max(1, sum(r["state"] == "RUNNING" for r in rows))
+    return left * statistics.median(epoch_seconds) / side_by_side
+
+
+def format_duration(seconds: float) -> str:
+    """'45s', '12m', '3.4h'."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"

@@ -128,5 +128,5 @@ def run_stage(ctx: StageContext, stage: str, searcher: RunsSearcher, total: int,
     )
     with table, Heartbeat(ctx.study, searcher.held_trials):
         tuner.fit()
-    searcher.close_pending("cut by --time-budget")
+    searcher.close_pending(ctx.cut_reason())
     return searcher

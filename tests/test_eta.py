@@ -1,0 +1,33 @@
+"""The live table's ETA: epochs left to the stage at the median epoch time, over the trials running side by side."""
+
+from types import SimpleNamespace
+
+from tokennas.search.tune.progress import LiveTable, eta_seconds, format_duration
+
+
+def test_no_eta_before_the_first_epoch_is_timed():
+    assert eta_seconds([{"state": "RUNNING", "planned": 3}], 4, 3, []) is None
+
+
+def test_the_eta_counts_the_epochs_left_to_running_and_unstarted_trials():
+    rows = [{"state": "COMPLETE", "planned": 3, "epoch": 3}, {"state": "RUNNING", "planned": 3, "epoch": 1},
+            {"state": "RUNNING", "planned": 3, "epoch": 2}]
+    # left: 2 + 1 epochs of the running trials, 2 trials not started x 3 epochs = 9 epochs at 10 s, two side by side
+    assert eta_seconds(rows, 5, 3, [8.0, 10.0, 50.0]) == 9 * 10.0 / 2
+
+
+def test_the_table_times_the_epochs_each_trial_reports(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("tokennas.search.tune.progress.time.monotonic", lambda: now[0])
+    settings = SimpleNamespace(space="psvit", flops="30M", epochs=3)
+    table = LiveTable(None, settings, remaining=2, enabled=False)
+    trial = SimpleNamespace(trial_id="a", config={"number": 0, "flops": 1})
+    table.on_trial_start(0, [], trial)
+    for epoch, at in ((1, 112.0), (2, 124.0)):
+        now[0] = at
+        table.on_trial_result(0, [], trial, {"epoch": epoch, "val_acc": 0.5})
+    assert table.epoch_seconds == [12.0, 12.0]
+    # 1 epoch left to the running trial, 3 to the one not started: 4 x 12 s
+    assert table.eta_text() == ", ETA 48s"
+    assert "ETA 48s" in str(table.render().title)
+    assert format_duration(48 * 60) == "48m" and format_duration(4 * 3600) == "4.0h"
