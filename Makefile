@@ -13,7 +13,7 @@ export FASHION_MNIST_DIR
 IDX := $(wildcard $(FASHION_MNIST_DIR)/train-images-idx3-ubyte*)
 AS_ROOT := $(filter 0,$(shell id -u))
 
-.PHONY: setup data chromium postgresql search test test-all lint
+.PHONY: setup data chromium postgresql search test test-all lint lock
 
 setup: data $(STAMP)
 
@@ -34,10 +34,17 @@ chromium:
 	{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } || \
 	echo "chromium is not installed (needs root: apt-get install chromium); the dashboard browser test is skipped"
 
-$(STAMP): pyproject.toml
+# Installed with uv (from PyPI) at the tested versions of constraints.txt, the lock file (`make lock` rewrites it).
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[dev,dashboard,cluster]'
+	$(VENV)/bin/pip install -q uv
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -c constraints.txt -e '.[dev,dashboard,cluster]'
 	touch $(STAMP)
+
+lock: $(STAMP)
+	{ echo "# The tested versions: \`make\` installs tokennas with these pins (uv pip install -c constraints.txt)."; \
+	  echo "# Regenerate after an upgrade that passes \`make test-all\`: make lock"; \
+	  $(VENV)/bin/uv pip freeze --python $(VENV)/bin/python | grep -v -e '^-e ' -e '^tokennas' -e '^uv=='; } > constraints.txt
 
 # The main job: a PSViT-space search under a 30M-MAC budget on 2 CPU cores, with the uniform baseline
 # and the top 2 re-ranked on 2 seeds; about 7 minutes on 2 idle cores (11.5 with the installation).
