@@ -59,7 +59,7 @@ postgresql:
 
 # The essential tests (a few minutes on 2 cores); test-all adds the slow end-to-end ones (about 28 minutes).
 test: setup chromium postgresql
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow" --durations=25
 
 test-all: setup chromium postgresql
 	$(VENV)/bin/pytest -q

@@ -15,6 +15,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 # typer vendors click; its usage errors share this base class.
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+RECIPE_HELP = ("default: the short recipe tuned for searches; deit (long GPU-scale runs): DeiT's training with timm's "
+               "pieces: Mixup/CutMix into soft targets with label smoothing 0.1 (timm's SoftTargetCrossEntropy), and "
+               "on image folders and timm datasets RandAugment (rand-m9-mstd0.5-inc1), random erasing (0.25) and "
+               "bicubic resizing; the embedded Fashion-MNIST gets the random erasing on the device but no "
+               "RandAugment (a PIL-image policy). Evaluation is unchanged.")
 
 
 @app.command()
@@ -126,6 +131,7 @@ def search(
     lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly), > 0."),
     augment: str = typer.Option("auto", help="Training augmentation: auto (light below 64px, timm's ImageNet "
                                 "policy from 64px), light, imagenet or none."),
+    recipe: str = typer.Option("default", help=RECIPE_HELP),
     gpus_per_trial: float | None = typer.Option(None, help="GPUs per trial, fractions allowed "
                                                    "[default: 1 with CUDA, else 0]."),
     cpus_per_trial: float = typer.Option(1.0, help="CPU cores per trial; also the data-loader processes."),
@@ -262,6 +268,7 @@ def train(
     lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
     seed: int = typer.Option(0, help="Seeds the data split and the initialisation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    recipe: str = typer.Option("default", help=RECIPE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch "
                                 "(--out/last.pt, written after every epoch), with the same config and options."),
     init: Path | None = typer.Option(None, help="Start from the weights of this `tokennas train` checkpoint.pt (the "
@@ -303,16 +310,16 @@ def train(
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, recipe=recipe)
     check_out(out)  # before the training, so that no earlier run is replaced and no hours are lost
     options = {"epochs": epochs, "dataset": dataset, "train_subset": train_subset, "batch_size": batch_size, "lr": lr,
-               "seed": seed, "init": str(init) if init else None}  # the run's course: --resume must repeat them
+               "seed": seed, "init": str(init) if init else None, "recipe": recipe}  # --resume must repeat them
     state = load_resume_state(out, model_config, options) if resume else None
     if not resume and (out / RESUME_STATE).exists():
         raise ValueError(f"--out {str(out)!r} holds an unfinished run ({RESUME_STATE}); continue it with --resume "
                          "or use another --out")
     data = load_data(dataset, data_dir, model_config.img_size, train_subset, seed=seed, with_test=True)
     check_compatible(model_config, data)
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     history = list(state["history"]) if state else []
 
     def on_epoch(metrics, epoch_state):

@@ -12,10 +12,11 @@ else ``validation/``. A missing ``train/`` or ``validation/`` is refused, never 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gzip
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ HOW_TO_GET_FASHION_MNIST = ("as root: apt-get install dataset-fashion-mnist; wit
 FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
 EMBEDDED = "fashion-mnist"
 AUGMENTS = ("auto", "light", "imagenet", "none")  # auto: light below 64px, timm's ImageNet policy from 64px
+# default: the short recipe tuned for searches; deit: DeiT's augmentation and label smoothing, for long GPU-scale runs
+RECIPES = ("default", "deit")
 
 
 def timm_data_config(dataset: str, img_size: int, in_chans: int = 3) -> dict:
@@ -121,16 +124,42 @@ def load_data(dataset: str = EMBEDDED, data_dir: str | Path | None = None, img_s
     return _timm_dataset(dataset, data_dir, img_size, train_subset, val_fraction, seed, with_test, augment)
 
 
-def train_transform(img_size: int, augment: str):
+def train_transform(img_size: int, augment: str, recipe: str = "default"):
     """timm's training transform, fitted to the resolution: below 64px (or ``light``) random crops that keep
-    at least half of the image and flips, without colour jitter; from 64px timm's ImageNet policy."""
+    at least half of the image and flips, without colour jitter; from 64px timm's ImageNet policy. The ``deit``
+    recipe replaces it with DeiT's (Touvron et al. 2021): RandAugment, random erasing of a quarter of the
+    images, bicubic resizing."""
     from timm.data import create_transform
 
+    if recipe == "deit":
+        return pillow_safe(create_transform(img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                            re_prob=0.25, re_mode="pixel", interpolation="bicubic"))
     if augment == "none":
         return create_transform(img_size, is_training=False, crop_pct=1.0)
     if augment == "light" or (augment == "auto" and img_size < 64):
         return create_transform(img_size, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None)
     return create_transform(img_size, is_training=True)
+
+
+def pillow_safe(transform):
+    """``transform`` with its RandAugment's posterize keeping 0 bits as a black image, as Pillow did before 13:
+    timm's increasing posterize reaches 0 bits at magnitude 10 (m9-mstd0.5 draws it 2% of the time), which
+    Pillow 13 refuses with a ValueError that would stop the training."""
+    from timm.data import auto_augment
+
+    for augment in getattr(transform, "transforms", ()):
+        if isinstance(augment, auto_augment.RandAugment):
+            for op in augment.ops:
+                if op.aug_fn is auto_augment.posterize:
+                    op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img, bits_to_keep: int, **kwargs):
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    return Image.new(img.mode, img.size) if bits_to_keep < 1 else posterize(img, bits_to_keep, **kwargs)
 
 
 def _fashion_mnist(root: Path, img_size, train_subset, val_fraction, seed, with_test) -> DataBundle:
@@ -223,6 +252,16 @@ def _image_folder(name: str, root: Path, with_test: bool):
     return train, _create(name, root / "train", "train"), test
 
 
+def with_transform(split, transform):
+    """A dataset split (a ``Subset``) whose images go through ``transform``, the data bundle left as it is; the
+    embedded tensors, which no PIL transform applies to, unchanged."""
+    if isinstance(split, TensorSplit):
+        return split
+    dataset = copy.copy(split.dataset)
+    dataset.transform = transform
+    return torch.utils.data.Subset(dataset, split.indices)
+
+
 def _num_classes(dataset) -> int:
     reader = getattr(dataset, "reader", None)
     for holder in (reader, dataset, getattr(dataset, "parser", None)):
@@ -251,14 +290,16 @@ def shift_and_flip(images: torch.Tensor) -> torch.Tensor:
 class Batches:
     """Iterates (images, labels) float batches at ``img_size`` on ``device``, normalised.
 
-    For a ``TensorSplit`` it indexes device-resident tensors; for a Dataset it wraps a DataLoader.
+    For a ``TensorSplit`` it indexes device-resident tensors; for a Dataset it wraps a DataLoader. ``mix`` maps
+    every (images, labels) batch, on the device and normalised, to what the model trains on (the deit recipe's
+    random erasing and Mixup/CutMix, see ``train.deit_mixing``).
     """
 
     def __init__(self, split, batch_size: int, img_size: int, device: torch.device, shuffle: bool,
                  seed: int = 0, stats: tuple[float, float] = FASHION_MNIST_STATS, augment: bool = False,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, mix: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None) -> None:
         self.split, self.batch_size, self.img_size, self.device = split, batch_size, img_size, device
-        self.shuffle, self.stats, self.augment = shuffle, stats, augment
+        self.shuffle, self.stats, self.augment, self.mix = shuffle, stats, augment, mix
         self.generator = torch.Generator().manual_seed(seed)
         if isinstance(split, TensorSplit):
             self.split = split.to(device)
@@ -273,6 +314,10 @@ class Batches:
         return n // self.batch_size if self.shuffle else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self._batches()
+        return batches if self.mix is None else (self.mix(images, labels) for images, labels in batches)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not isinstance(self.split, TensorSplit):
             for images, labels in self.loader:
                 yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -1,5 +1,9 @@
 """Train and evaluate one config: timm's optimizer factory, cosine schedule with warm-up, label smoothing.
 
+Two recipes (``TrainSettings.recipe``): ``default``, the short one tuned for searches, and ``deit``, DeiT's
+augmentation for long GPU-scale runs with timm's pieces (Touvron et al. 2021): RandAugment and random erasing,
+Mixup/CutMix into soft targets with label smoothing 0.1, and timm's ``SoftTargetCrossEntropy``.
+
 bf16 autocast on CUDA. ``fit`` calls ``on_epoch(metrics, state)`` after every epoch with a checkpoint
 state that ``fit(..., resume=state)`` continues from; the state holds only tensors and plain values,
 so it loads with ``torch.load(weights_only=True)``.
@@ -15,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.loss import LabelSmoothingCrossEntropy
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import random_seed
 
 from .config import ModelConfig, build_model, config_from_dict
-from .data import Batches, DataBundle
+from .data import RECIPES, Batches, DataBundle, TensorSplit, train_transform, with_transform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,14 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     workers: int = 0  # data-loader processes for image folders and timm datasets
+    recipe: str = "default"  # deit: DeiT's RandAugment, random erasing, Mixup/CutMix and label smoothing (RECIPES)
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"invalid --recipe {self.recipe!r}; expected one of: {', '.join(RECIPES)}")
+        if self.recipe == "deit" and self.batch_size < 2:
+            raise ValueError(f"invalid --batch-size {self.batch_size} with --recipe deit; expected at least 2 (Mixup "
+                             "pairs the images of a batch)")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -73,13 +86,36 @@ def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
 
 
 def training_batches(data: DataBundle, settings: TrainSettings, img_size: int, device: torch.device) -> Batches:
-    """Shuffled, augmented training batches; at least one, or a ``ValueError``."""
-    train = Batches(data.train, settings.batch_size, img_size, device, shuffle=True, seed=settings.seed,
-                    stats=data.stats, augment=settings.augment != "none", num_workers=settings.workers)
+    """Shuffled, augmented training batches; at least one, or a ``ValueError``. Under the deit recipe, image
+    datasets go through DeiT's transform and every batch is mixed into soft targets (``deit_mixing``)."""
+    split, mix = data.train, None
+    if settings.recipe == "deit":
+        split = with_transform(data.train, train_transform(data.img_size, settings.augment, settings.recipe))
+        mix = deit_mixing(data.num_classes, device, erase=isinstance(split, TensorSplit))
+    train = Batches(split, settings.batch_size, img_size, device, shuffle=True, seed=settings.seed,
+                    stats=data.stats, augment=settings.augment != "none", num_workers=settings.workers, mix=mix)
     if len(train) == 0:
         raise ValueError(f"the training split has {len(data.train)} images, fewer than one batch of "
                          f"{settings.batch_size}")
     return train
+
+
+def deit_mixing(num_classes: int, device: torch.device, erase: bool):
+    """DeiT's batch augmentation, timm's pieces on the device: random erasing (``erase``: for the embedded tensors,
+    which no PIL transform sees; 0.25, per-pixel noise), then Mixup (alpha 0.8) or CutMix (alpha 1.0) with label
+    smoothing 0.1. Returns ``mix(images, labels) -> (images, soft targets (B, num_classes))``."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=num_classes)
+    eraser = RandomErasing(probability=0.25, mode="pixel", device=device) if erase else None
+
+    def mix(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(labels) % 2:  # timm's Mixup pairs the batch with its reverse: an odd batch loses its last image
+            images, labels = images[:-1], labels[:-1]
+        return mixup(eraser(images) if eraser else images, labels)
+
+    return mix
 
 
 def restore(resume: dict[str, Any] | None, model: torch.nn.Module, optimizer, train: Batches,
@@ -100,12 +136,15 @@ CHECK_EVERY = {False: 1, True: 16}
 
 def recipe(model: torch.nn.Module, settings: TrainSettings, updates_per_epoch: int):
     """The optimizer (timm's AdamW, learning rate scaled with the batch), the cosine schedule with warm-up
-    stepped per update, and the loss: what every training in tokennas uses."""
+    stepped per update, and the loss: what every training in tokennas uses. The deit recipe's loss takes the soft
+    targets of its mixed batches (``training_batches``); its label smoothing is in them."""
     optimizer = create_optimizer_v2(model, opt=settings.opt, lr=settings.lr * settings.batch_size / 128,
                                     weight_decay=settings.weight_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=settings.epochs,
                                        warmup_epochs=min(settings.warmup_epochs, settings.epochs / 3),
                                        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    if settings.recipe == "deit":
+        return optimizer, scheduler, SoftTargetCrossEntropy()
     return optimizer, scheduler, LabelSmoothingCrossEntropy(settings.label_smoothing)
 
 
@@ -117,7 +156,7 @@ def fit(config: ModelConfig, data: DataBundle, settings: TrainSettings,
     weights (a supernet's, for fine-tuning) instead of a fresh initialisation."""
     check_compatible(config, data)
     device = settings.resolved_device()
-    torch.manual_seed(settings.seed)
+    random_seed(settings.seed)  # torch, and numpy and random, which Mixup, RandAugment and random erasing draw from
     model = build_model(config).to(device)
     train = training_batches(data, settings, config.img_size, device)
     val = Batches(data.val, 2 * settings.batch_size, config.img_size, device, shuffle=False, stats=data.stats,
@@ -202,6 +241,7 @@ def check_out(out: Path) -> None:
 
 
 RESUME_STATE = "last.pt"  # `tokennas train`'s state after its last finished epoch, for --resume
+RESUME_DEFAULTS = {"recipe": "default"}  # options added since runs were saved: what an older run was started with
 
 
 def load_resume_state(out: Path, config: ModelConfig, options: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +253,7 @@ def load_resume_state(out: Path, config: ModelConfig, options: dict[str, Any]) -
     if config_from_dict(state["config"]).to_dict() != config.to_dict():  # read again: fields added since have defaults
         raise ValueError(f"invalid --resume: the run in {str(out)!r} trains another config; pass the same config")
     for name, value in options.items():
-        started = state["options"].get(name)  # an option newer than the run was not given to it
+        started = state["options"].get(name, RESUME_DEFAULTS.get(name))  # a newer option: its default then
         if started != value:
             flag = f"--{name.replace('_', '-')}"
             raise ValueError(f"invalid --resume with {flag} {value}: the run in {str(out)!r} was started with "

@@ -158,7 +158,8 @@ def _run(settings: SearchSettings | None, out: Path | None, resume: Path | None,
             raise ValueError(f"invalid --gpus-per-trial {settings.gpus_per_trial}: the Ray cluster has no GPU")
         if is_shared(storage):  # several drivers may share this study: they must run the same search
             check_compatible(S.open_study(storage, settings.objective, create=True, study_name=settings.study_name),
-                             dataclasses.asdict(settings), resume is not None)
+                             dataclasses.asdict(settings), resume is not None,
+                             {f.name: f.default for f in dataclasses.fields(SearchSettings)})
         if resume is not None:
             save_settings(settings, run_dir / "search.yaml")
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..data import AUGMENTS, EMBEDDED
+from ..data import AUGMENTS, EMBEDDED, RECIPES
 from ..flops import format_flops, parse_budget
 from ..spaces import get_space
 from .studies import study as S
@@ -47,6 +47,7 @@ class SearchSettings:
     retrain_epochs: int = 6
     retrain_seeds: int = 2
     augment: str = "auto"
+    recipe: str = "default"  # deit: DeiT's RandAugment, random erasing, Mixup/CutMix, label smoothing (long runs)
     scorer_weights: str | None = None  # lcnet_050 weights that put the quadtree space's `feature` scorer in play
     # where it runs and where the study lives (see cluster.py and storage.py)
     ray_address: str | None = None  # None/local: a private Ray; auto; HOST:PORT; ray://HOST:PORT
@@ -91,6 +92,9 @@ class SearchSettings:
             (self.retrain_epochs >= 1, f"invalid --retrain-epochs {self.retrain_epochs}; expected at least 1"),
             (self.retrain_seeds >= 1, f"invalid --retrain-seeds {self.retrain_seeds}; expected at least 1"),
             (self.augment in AUGMENTS, f"invalid --augment {self.augment!r}; expected one of: {', '.join(AUGMENTS)}"),
+            (self.recipe in RECIPES, f"invalid --recipe {self.recipe!r}; expected one of: {', '.join(RECIPES)}"),
+            (self.recipe != "deit" or self.batch_size >= 2, f"invalid --batch-size {self.batch_size} with --recipe "
+                                                            "deit; expected at least 2 (Mixup pairs the images)"),
             (self.scorer_weights is None or Path(self.scorer_weights).is_file(),
              f"invalid --scorer-weights {self.scorer_weights!r}; expected an existing lcnet_050 weights file"),
             (self.cpus_per_trial > 0, f"invalid --cpus-per-trial {self.cpus_per_trial}; expected > 0"),

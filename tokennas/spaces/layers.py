@@ -26,7 +26,7 @@ from .base import Inputs, Space
 TRUNK_FIELDS = ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
                 "qkv_bias", "class_token")
 # The shipped parent's trunk (tokennas/parents/fmnist-vit/config.yaml): what `tokennas spaces` lists without one.
-DEFAULT_TRUNK = {"img_size": 24, "in_chans": 1, "num_classes": 10, "patch_size": 2, "embed_dim": 64, "depth": 12,
+DEFAULT_TRUNK = {"img_size": 32, "in_chans": 1, "num_classes": 10, "patch_size": 4, "embed_dim": 64, "depth": 12,
                  "num_heads": 1, "mlp_ratio": 4.0, "qkv_bias": True, "class_token": True}
 BISECTIONS = 40  # steps on the scale: its resolution (1e-12 of the range) is far below one token
 

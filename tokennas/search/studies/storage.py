@@ -200,11 +200,13 @@ DRIVER_ONLY = ("time_budget", "max_failures", "top", "ray_address", "ray_storage
                "heartbeat", "cpus_per_trial", "gpus_per_trial", "retrain_top", "retrain_epochs", "retrain_seeds")
 
 
-def check_compatible(study: optuna.Study, settings: dict[str, Any], resume: bool = False) -> None:
+def check_compatible(study: optuna.Study, settings: dict[str, Any], resume: bool = False,
+                     defaults: dict[str, Any] | None = None) -> None:
     """Drivers sharing a study must run the same search: every setting that changes what a score means (the
     space and budget, the data and its validation split via ``seed``, the training recipe, the strategy and its
     options, the sampler) must match; the first driver records them. A resumed driver may change ``--trials``
-    (extending the search)."""
+    (extending the search). A setting the first driver did not record (an option added since) counts as its
+    ``defaults`` value."""
     mine = {k: v for k, v in settings.items() if k not in DRIVER_ONLY}
     theirs = study.user_attrs.get("search")
     if theirs is None or (resume and theirs.get("trials") != mine["trials"]):
@@ -213,9 +215,10 @@ def check_compatible(study: optuna.Study, settings: dict[str, Any], resume: bool
     for key in mine:
         if key == "trials" and resume:
             continue
-        if theirs.get(key) != mine[key]:
+        recorded = theirs.get(key, (defaults or {}).get(key))
+        if recorded != mine[key]:
             option = "--" + key.replace("_", "-")
-            raise ValueError(f"study {study.study_name!r} holds a search with {option} {theirs.get(key)}, "
+            raise ValueError(f"study {study.study_name!r} holds a search with {option} {recorded}, "
                              f"not {mine[key]}; use the same options or another --study-name")
 
 

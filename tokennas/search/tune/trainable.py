@@ -41,6 +41,9 @@ def run_trial(params: dict[str, Any], train) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(params["cpus"])))
+    share = params.get("gpus", 0)
+    if 0 < share < 1 and torch.cuda.is_available():  # a fraction of a GPU is also that fraction of its memory:
+        torch.cuda.set_per_process_memory_fraction(share)  # a trial too big for it fails alone, not its neighbours
     node = cluster.node_name()  # recorded per trial in trials.csv
     last = {"epoch": 0, "val_acc": 0.0}
     try:
@@ -68,6 +71,8 @@ def run_trial(params: dict[str, Any], train) -> None:
         # The candidate's own failure (a non-finite loss, a bad config) is reported as its last result, not
         # raised: Ray's FailureConfig would retry a raised error, and only a lost node deserves a retry.
         tune.report({**last, "node": node, "error": error_line(err), "traceback": traceback.format_exc()})
+        if torch.cuda.is_available():  # the actor is reused: hand the failed trial's cached memory back
+            torch.cuda.empty_cache()
 
 
 def train_candidate(params: dict[str, Any], data: DataBundle) -> None:
@@ -104,7 +109,8 @@ def run_stage(ctx: StageContext, stage: str, searcher: RunsSearcher, total: int,
     gpus = settings.gpus()
     cpus = cpus or settings.cpus_per_trial
     train = {"batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed, "augment": settings.augment,
-             "device": "cuda" if gpus > 0 else "cpu", "workers": max(0, int(settings.cpus_per_trial) - 1)}
+             "recipe": settings.recipe, "device": "cuda" if gpus > 0 else "cpu",
+             "workers": max(0, int(settings.cpus_per_trial) - 1)}
     table = LiveTable(searcher, settings, total, stage=stage, enabled=ctx.progress)
     extra = {"pool": pool} if pool is not None else {}  # the supernet's candidates (strategies/oneshot.py)
     trainable = tune.with_resources(tune.with_parameters(trainable or train_candidate, data=ctx.prepared.data,
@@ -113,7 +119,7 @@ def run_stage(ctx: StageContext, stage: str, searcher: RunsSearcher, total: int,
     deadline = ctx.deadline
     tuner = tune.Tuner(
         trainable,
-        param_space={"train": train, "cpus": cpus},  # merged into every suggestion
+        param_space={"train": train, "cpus": cpus, "gpus": gpus},  # merged into every suggestion
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler or FIFOScheduler(), metric="val_acc", mode="max",
             num_samples=-1, reuse_actors=True,
