@@ -194,7 +194,8 @@ def oom(size: dict, folder: Path, out: Path) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"### GPU check ({report['device']}, {report['date']}{', smoke' if report['smoke'] else ''})", "",
-             "| model | px | GMACs | training images/s (bf16 on a GPU) | vs timm DeiT-S | MFU |", "|---|---|---|---|---|---|"]
+             "| model | px | GMACs | training images/s (bf16 on a GPU) | vs timm DeiT-S | MFU |",
+             "|---|---|---|---|---|---|"]
     for r in report["throughput"]:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         lines.append(f"| {r['model']} | {r['img']} | {r['gmacs']} | {r['images_per_s']} | {r['vs_timm_deit_s']}x | "
