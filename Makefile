@@ -38,7 +38,7 @@ chromium:
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv
-	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -c constraints.txt -e '.[dev,dashboard,cluster]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(VENV)/bin/python -c constraints.txt -e '.[dev,dashboard,cluster]'
 	touch $(STAMP)
 
 lock: $(STAMP)
