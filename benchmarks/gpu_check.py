@@ -49,7 +49,7 @@ from tokennas.speed import interleaved  # noqa: E402
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 FULL = dict(img=224, flops="4G", batch=128, rounds=5, per_class=300, val_per_class=50, classes=10,
-            search_time="5m", search_epochs=2, search_batch=128, oom_time="90s", oom_batch=8192, score_images=2048,
+            search_time="5m", search_epochs=2, search_batch=128, oom_time="90s", oom_batch=2048, score_images=2048,
             score_candidates=20, others=("crossvit_small", "quadformer_s_256_196", "stt_s25"))
 SMOKE = dict(img=32, flops="30M", batch=4, rounds=2, per_class=12, val_per_class=4, classes=3,
              search_time=None, search_epochs=1, search_batch=8, oom_time=None, oom_batch=16, score_images=16,
