@@ -57,7 +57,8 @@ postgresql:
 	@[ -d $(POSTGRES) ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq postgresql; } || \
 	echo "postgresql is not installed (needs root: apt-get install postgresql); the PostgreSQL tests are skipped"
 
-# The essential tests (a few minutes on 2 cores); test-all adds the slow end-to-end ones (about 28 minutes).
+# The essential tests (about 20 to 25 minutes on 2 cores, the slowest listed at the end); test-all adds the slow
+# end-to-end ones.
 test: setup chromium postgresql
 	$(VENV)/bin/pytest -q -m "not slow" --durations=25
 
