@@ -205,7 +205,8 @@ def markdown(report: dict) -> str:
               f"exit {s['exit']}): candidate states {s['states']}, {s['trained_per_minute']} trained per minute",
               f"- one-shot scoring: {c['candidates_per_minute']} candidates per minute on {c['images_each']} images, "
               f"peak memory {c['peak_memory_gib']} GiB",
-              f"- out of memory: {o['out_of_memory_fails']} candidates FAILed with it "
+              f"- out of memory: {o['out_of_memory_fails']} candidates FAILed with it"
+              f"{' (NOT PROVOKED: the check did not happen)' if o['out_of_memory_fails'] == 0 else ''} "
               f"({o['first_reason']!r}); {o['trials_after_first_oom']} trials ran after the first; states "
               f"{o['states']}"]
     return "\n".join(lines) + "\n"

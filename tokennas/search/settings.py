@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..data import AUGMENTS, EMBEDDED, RECIPES
+from ..data import AUGMENTS, EMBEDDED
 from ..flops import format_flops, parse_budget
 from ..spaces import get_space
 from .studies import study as S
@@ -92,9 +92,6 @@ class SearchSettings:
             (self.retrain_epochs >= 1, f"invalid --retrain-epochs {self.retrain_epochs}; expected at least 1"),
             (self.retrain_seeds >= 1, f"invalid --retrain-seeds {self.retrain_seeds}; expected at least 1"),
             (self.augment in AUGMENTS, f"invalid --augment {self.augment!r}; expected one of: {', '.join(AUGMENTS)}"),
-            (self.recipe in RECIPES, f"invalid --recipe {self.recipe!r}; expected one of: {', '.join(RECIPES)}"),
-            (self.recipe != "deit" or self.batch_size >= 2, f"invalid --batch-size {self.batch_size} with --recipe "
-                                                            "deit; expected at least 2 (Mixup pairs the images)"),
             (self.scorer_weights is None or Path(self.scorer_weights).is_file(),
              f"invalid --scorer-weights {self.scorer_weights!r}; expected an existing lcnet_050 weights file"),
             (self.cpus_per_trial > 0, f"invalid --cpus-per-trial {self.cpus_per_trial}; expected > 0"),
@@ -105,6 +102,9 @@ class SearchSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        from ..train import TrainSettings
+
+        TrainSettings(batch_size=self.batch_size, recipe=self.recipe)  # the recipe's own checks (train.py)
         if self.sampler == "cmaes" and getattr(get_space(self.space), "enumerable", True):
             raise ValueError(f"invalid --sampler cmaes for --space {self.space}: CMA-ES models continuous parameters "
                              f"and {self.space}'s are categorical (it would draw them at random); use tpe, nsga2 or "
