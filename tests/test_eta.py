@@ -31,3 +31,19 @@ def test_the_table_times_the_epochs_each_trial_reports(monkeypatch):
     assert table.eta_text() == ", ETA 48s"
     assert "ETA 48s" in str(table.render().title)
     assert format_duration(48 * 60) == "48m" and format_duration(4 * 3600) == "4.0h"
+
+
+def test_unstarted_trials_count_the_stages_own_epochs(monkeypatch):
+    import optuna
+
+    from tokennas.search.tune.searcher import RunsSearcher
+
+    now = [0.0]
+    monkeypatch.setattr("tokennas.search.tune.progress.time.monotonic", lambda: now[0])
+    searcher = RunsSearcher(optuna.create_study(), [], max_epochs=6)  # re-ranking: 6 epochs a run, not the search's 3
+    table = LiveTable(searcher, SimpleNamespace(space="psvit", flops="30M", epochs=3), remaining=2, enabled=False)
+    trial = SimpleNamespace(trial_id="a", config={"number": 0, "flops": 1, "epochs": 6})
+    table.on_trial_start(0, [], trial)
+    now[0] = 10.0
+    table.on_trial_result(0, [], trial, {"epoch": 1, "val_acc": 0.5})
+    assert table.eta_text() == f", ETA {format_duration((5 + 6) * 10.0)}"  # 5 left to the running run, 6 to the next

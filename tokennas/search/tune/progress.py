@@ -56,7 +56,9 @@ class LiveTable(Callback):
         return table
 
     def eta_text(self) -> str:
-        seconds = eta_seconds(self.rows.values(), self.remaining, self.settings.epochs, self.epoch_seconds)
+        # a trial not started yet runs the stage's epochs (the searcher's: --retrain-epochs when re-ranking)
+        epochs = getattr(self.searcher, "max_epochs", None) or self.settings.epochs
+        seconds = eta_seconds(self.rows.values(), self.remaining, epochs, self.epoch_seconds)
         return "" if seconds is None else f", ETA {format_duration(seconds)}"
 
     def _update(self, trial: Any, **changes: Any) -> None:
