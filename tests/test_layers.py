@@ -162,6 +162,12 @@ def test_a_layers_search_on_a_frozen_parent(tiny_parent, tmp_path, capsys):
     assert "frozen parent" in summary and "ToMe's constant r" in summary and "against the reference" in summary
     assert "speed at batch 1" in summary and "speed at batch 256" in summary
     assert "re-ranking: not asked for (no --finetune-epochs" in summary
+    assert "hand-set directions" in summary  # the sampler starts from the space's published rules, in order
+    starts = list(LayersSpace(trunk=TRUNK, budget=budget).starts(INPUTS).values())
+    rates = [f"{k}{b}" for k in ("prune", "merge") for b in range(TRUNK["depth"])]
+    first = frame[frame["role"] == "candidate"].sort_values("number").head(len(starts))  # some may be over budget
+    assert [[row[f"param_{r}"] for r in rates] for _, row in first.iterrows()] == [[p[r] for r in rates]
+                                                                                    for p in starts]
     main_ok(["search", "--resume", str(run_dir), "--trials", "9", "--quiet"])  # extends the search: 3 more
     frame = pd.read_csv(run_dir / "trials.csv")
     assert ((frame["role"] == "candidate") & (frame["state"] == "COMPLETE")).sum() == 9

@@ -81,6 +81,11 @@ class Space:
                 feasible.setdefault(config_key(config), params)
         return feasible, smallest
 
+    def starts(self, inputs: Inputs) -> dict[str, dict[str, Any]]:
+        """Named parameter sets the sampler is handed first (``enqueue_trial``), before its own proposals: a space's
+        published hand-set designs, where the sampler would otherwise start from random points. None by default."""
+        return {}
+
     def baseline(self, budget: int, inputs: Inputs) -> ModelConfig | None:
         """DeiT's recipe within ``budget``: depth 12 (fewer only if nothing fits), heads of 64 channels,
         no pooling, no sharing, the widest such ViT. For comparison with what the search finds."""

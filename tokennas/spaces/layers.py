@@ -81,6 +81,26 @@ class LayersSpace(Space):
                 raise ValueError(f"`{name}{bad[0][0]}` must be in [0, 1], got {bad[0][1]}")
         return _project(tuple(sorted(self.trunk.items())), prune, merge, share, self.budget)
 
+    def starts(self, inputs: Inputs) -> dict[str, dict[str, Any]]:
+        """The hand-set directions the sampler starts from (each projected onto the budget like any proposal):
+        merging in every block at one rate (ToMe's rule, as a rate of the tokens left rather than a count), at a rate
+        rising with depth (close to ToMe's constant count), only in the second half; pruning in every block at one
+        rate (DiffRate's pruning alone), at a rate rising with depth; and both in every block. With 35 dimensions at
+        12 blocks, random start-up points mostly prune the first blocks hard; these put the sampler's first model
+        near the published rules, which it then refines block by block."""
+        depth = self.trunk["depth"]
+        rising = [(b + 1) / depth for b in range(depth)]
+        late = [float(b >= depth // 2) for b in range(depth)]
+
+        def direction(prune: list[float], merge: list[float]) -> dict[str, Any]:
+            return {**{f"prune{b}": prune[b] for b in range(depth)}, **{f"merge{b}": merge[b] for b in range(depth)},
+                    **{f"share{b}": False for b in range(1, depth)}}
+
+        zero, one = [0.0] * depth, [1.0] * depth
+        return {"merge, every block": direction(zero, one), "merge, rising": direction(zero, rising),
+                "merge, second half": direction(zero, late), "prune, every block": direction(one, zero),
+                "prune, rising": direction(rising, zero), "prune and merge, every block": direction(one, one)}
+
     def grid(self, inputs: Inputs):
         raise ValueError("the layers space is continuous: its candidates cannot be enumerated")
 

@@ -5,9 +5,10 @@ ViT, scored on its own weights.
    dict) is used as it is: its classifier must fit the data. It is kept in the run folder as ``supernet.pt`` (a
    supernet of one trunk), which fine-tuning starts from.
 2. **Scoring.** Optuna's sampler (``--sampler tpe``, ``cmaes`` over the continuous rates, ``nsga2`` with ``--objective
-   pareto``, or ``random``) proposes schedules, each projected onto the budget by the space; each new schedule is
-   scored by its validation accuracy on the parent's weights, on the first ``--score-images`` images of the
-   validation split (the same ``BudgetSearcher`` and scoring loop as the one-shot strategy: repeats are never scored
+   pareto``, or ``random``) proposes schedules, each projected onto the budget by the space, starting (except
+   ``random``) from the space's hand-set directions (``Space.starts``: ToMe-like and DiffRate-like rules); each new
+   schedule is scored by its validation accuracy on the parent's weights, on the first ``--score-images`` images of
+   the validation split (the same ``BudgetSearcher`` and scoring loop as the one-shot strategy: repeats are never scored
    twice). The space's reference, ToMe's constant r within the budget, is scored the same way.
 3. **Speed.** The ``--top`` schedules and the reference are timed against the parent at batch 1 and batch 256,
    interleaved (``tokennas.speed``); the report lists their speed-ups and flags any slower than the parent.
@@ -55,6 +56,7 @@ class Frozen:
         if not supernet_path(ctx.run_dir).is_file():
             _parent_net(ctx.settings, ctx.prepared).save(supernet_path(ctx.run_dir), parent=ctx.settings.parent,
                                                           epochs=0)
+        enqueue_starts(ctx)
         if ctx.time_left():
             score_stage(ctx, self.stall, self.search_epochs(ctx.settings))
         if ctx.time_left():
@@ -77,6 +79,10 @@ class Frozen:
         lines = [f"- strategy: frozen parent; schedules scored on the weights of --parent {settings.parent} as they "
                  f"are, on the first {settings.score_images} validation images, with no training (`scored` in "
                  "trials.csv)"]
+        if settings.sampler != "random":
+            lines.append("- start: the sampler's first proposals are the space's hand-set directions (merging or "
+                         "pruning at one rate in every block, at a rate rising with depth, merging in the second "
+                         "half, both), each projected onto the budget")
         if settings.finetune_epochs:
             lines.append(f"- re-ranking: the top {settings.retrain_top} and the reference fine-tuned from the "
                          f"parent's weights for {settings.finetune_epochs} epochs")
@@ -91,6 +97,17 @@ def _parent_net(settings: SearchSettings, prepared: Prepared) -> Supernet:
                          f"{inputs.num_classes} classes; the frozen strategy scores schedules with the parent's own "
                          "classifier (fine-tune it with `tokennas train` first)")
     return build_supernet([prepared.space.parent()], parent)
+
+
+def enqueue_starts(ctx: StageContext) -> None:
+    """Hand the sampler the space's hand-set directions first (``Space.starts``), once per study: not with ``--sampler
+    random``, whose proposals stay the random-search reference."""
+    study = ctx.study
+    if ctx.settings.sampler == "random" or study.user_attrs.get("starts_enqueued"):
+        return
+    for name, params in ctx.prepared.space.starts(ctx.prepared.inputs).items():
+        study.enqueue_trial(params, user_attrs={"start": name})
+    study.set_user_attr("starts_enqueued", True)
 
 
 def measure_speed(ctx: StageContext) -> None:
