@@ -77,7 +77,7 @@ def test_a_full_study_withdraws_a_late_trial(tmp_path):
     searcher = driver(tmp_path / "study.log", 1, seed=0)
     searcher.suggest("a")
     late = searcher.study.ask()  # another driver asked just before the last slot was taken
-    assert C.take_turn(searcher.study, late, 1) is None
+    assert C.take_turn(searcher.index, late, 1) is None
     assert searcher.study.trials[late.number].user_attrs[C.WITHDRAWN]
     assert searcher.suggest("b") is None  # wait: the one candidate is still training
     searcher.on_trial_complete("a", {"val_acc": 0.5, "epoch": 1})

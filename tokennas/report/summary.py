@@ -56,7 +56,9 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
              f"- trials: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} stopped early, "
              f"{counts.get('FAIL', 0)} failed, {counts.get('INTERRUPTED', 0)} interrupted, "
              f"{counts.get('INFEASIBLE', 0)} proposals over budget and "
-             f"{counts.get('REPEAT', 0)} repeated configs (neither {evaluated})",
+             f"{counts.get('REPEAT', 0)} repeated configs (neither {evaluated}; a repeat is told its original's "
+             f"outcome); {_fallbacks(candidates)} candidates drawn at random from the untried feasible configs when "
+             "the sampler stalled (fallbacks)",
              *strategy_lines,
              *(_retrain_plan_line(settings, _n(retrain_epochs, "epoch")) if retrain_epochs else []),
              *_stage_lines(settings, stages), ""]
@@ -123,6 +125,11 @@ def schedule_lines(speed: list[dict[str, Any]], configs: dict[str, dict[str, Any
         lines.append(f"| {name} | {tokens} | {format_flops(sum(config.flops_by_module().values()))} | "
                      f"{'' if acc is None else f'{acc:.4f}'} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _fallbacks(candidates: pd.DataFrame) -> int:
+    """Fallback candidates the search asked for (an enqueued one still WAITING was never proposed)."""
+    return int((candidates["fallback"].astype(bool) & (candidates["state"] != "WAITING")).sum())
 
 
 def _epochs(epochs, evaluated: str) -> str:

@@ -345,4 +345,4 @@ def score_stage(ctx: StageContext, stall: int, epochs: int) -> None:
             if suggestion["role"] == "candidate":
                 best = max(best, acc)
                 bar.update(task, advance=1, note=f"best {best:.4f} · {searcher.infeasible} over budget · "
-                                                 f"{searcher.repeats} repeats")
+                                                 f"{searcher.repeats} repeats · {searcher.fallbacks} fallbacks")

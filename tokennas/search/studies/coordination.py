@@ -13,6 +13,9 @@ A driver that dies leaves RUNNING trials. Claimed ones carry Optuna heartbeats (
 failed by ``fail_stale_trials`` once stale; their candidate is then proposed again, on a fresh trial, by
 whichever driver takes the next turn. An undecided trial older than ``ABANDONED_S`` (its driver died while
 proposing; a decision takes well under a second) is failed by the next driver that waits on it.
+
+Each driver answers these questions from a ``StudyIndex``, kept up to date from the storage on each turn, so that
+a proposal costs the same at trial 10 and at trial 10,000.
 """
 
 from __future__ import annotations
@@ -51,21 +54,119 @@ def is_lost(trial: FrozenTrial) -> bool:
 
 
 def counts(study: optuna.Study) -> tuple[int, int]:
-    """(trained candidates, candidates claimed and training) over the whole study, every driver included.
-    Failed candidates do not count towards ``--trials``."""
+    """(trained candidates, candidates claimed and training) over the whole study, every driver included, by a scan
+    (the searcher asks its ``StudyIndex``). Failed candidates do not count towards ``--trials``."""
     trials = study.get_trials(deepcopy=False)
     return (sum(S.trained(t) for t in trials),
             sum(t.state == TrialState.RUNNING and CLAIMED in t.user_attrs for t in trials))
 
 
-def wait_turn(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Block until every lower-numbered trial is decided; fail the ones whose driver is gone."""
+def _key(trial: FrozenTrial) -> str | None:
+    return config_key(trial.user_attrs["config"]) if "config" in trial.user_attrs else None
+
+
+class StudyIndex:
+    """What each proposal asks of a study, kept up to date incrementally: how many candidates are trained and
+    training, which candidate a config repeats, which lost candidate waits, which configs were proposed, how many
+    trials failed, the worst completed accuracy.
+
+    A finished trial never changes (Optuna refuses to update it), so each is folded in once, when ``refresh``
+    first sees it finished; the unfinished ones (those training, those being decided, the enqueued ones) are looked
+    at again on each ``refresh``, with the trials added since, by any driver of a shared study. A new index (after
+    ``--resume``, or in a restored searcher) is built by its first ``refresh``. ``counts`` and
+    ``study.find_repeat`` answer the same questions by scanning the study."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.trials: list[FrozenTrial] = []  # the study at the last refresh; trial numbers are list positions
+        self.unfinished: list[int] = []  # ascending
+        self.trained = self.failed = 0
+        self.worst: float | None = None  # lowest accuracy of a completed candidate (the constant liar's value)
+        self.settled: dict[str, int] = {}  # config key -> lowest number of a finished candidate that holds it
+        self.tried: set[str] = set()  # config keys of finished feasible proposals (repeats and interrupted ones too)
+        self.lost: dict[str, list[int]] = {}  # config key -> trials that lost it with their driver
+        # the unfinished trials' part, recomputed by every refresh
+        self.training = 0
+        self.holding: dict[str, list[int]] = {}
+        self.claimed: set[str] = set()
+        self.trying: set[str] = set()
+
+    def refresh(self) -> None:
+        """Read the trials added or finished since the last refresh (the storage lists them all in one call)."""
+        trials = self.study.get_trials(deepcopy=False)
+        while trials and trials[-1].number > len(trials) - 1:  # numbered 0, 1, 2...: stop before any gap (a
+            trials = trials[:-1]  # trial created by another driver but not visible yet), read it next time
+        fresh = [trials[n] for n in self.unfinished] + trials[len(self.trials):]
+        self.trials, self.unfinished = trials, []
+        self.training, self.holding, self.claimed, self.trying = 0, {}, set(), set()
+        for t in fresh:
+            key = _key(t)
+            if t.state.is_finished():
+                self._fold(t, key)
+                continue
+            self.unfinished.append(t.number)
+            if CLAIMED in t.user_attrs:
+                self.training += 1
+                self.claimed.add(key)
+            if key is not None and S.holds_config(t):
+                self.holding.setdefault(key, []).append(t.number)
+            if key is not None and not S.is_infeasible(t):
+                self.trying.add(key)
+
+    def _fold(self, t: FrozenTrial, key: str | None) -> None:
+        if S.trained(t):
+            self.trained += 1
+            if t.state == TrialState.COMPLETE:
+                self.worst = t.values[0] if self.worst is None else min(self.worst, t.values[0])
+        self.failed += S.is_failed(t)
+        if key is None:
+            return
+        if S.holds_config(t):
+            self.settled[key] = min(self.settled.get(key, t.number), t.number)
+        if not S.is_infeasible(t):
+            self.tried.add(key)
+        if is_lost(t):
+            self.lost.setdefault(key, []).append(t.number)
+
+    def counts(self) -> tuple[int, int]:
+        """(trained candidates, candidates claimed and training), as ``counts``."""
+        return self.trained, self.training
+
+    def original(self, key: str, number: int) -> FrozenTrial | None:
+        """The earliest other candidate of config ``key`` that holds it (see ``study.find_repeat``), as last read."""
+        held = [n for n in (self.settled.get(key), *self.holding.get(key, ())) if n is not None and n != number]
+        return self.trials[min(held)] if held else None
+
+    def liar(self) -> float:
+        """A pessimistic accuracy for a candidate still training: the worst completed one's, 0.0 before any."""
+        return 0.0 if self.worst is None else self.worst
+
+    def proposed(self) -> set[str]:
+        """Config keys of every feasible proposal so far (trained, training, failed, interrupted, repeated)."""
+        return self.tried | self.trying
+
+    def lost_candidate(self) -> FrozenTrial | None:
+        """The oldest candidate whose training was lost with its driver and that nobody trains now or has trained."""
+        for key, numbers in sorted(self.lost.items(), key=lambda item: min(item[1])):
+            if key not in self.settled and key not in self.claimed and len(numbers) <= MAX_RETRIES:
+                return self.trials[min(numbers)]
+        return None
+
+
+def wait_turn(index: StudyIndex, trial: optuna.Trial) -> None:
+    """Block until every lower-numbered trial is decided; fail the ones whose driver is gone. ``index`` is fresh on
+    return."""
+    study = index.study
     while True:
         adapter.fail_stale(study)
+        index.refresh()
         now = datetime.datetime.now()
         waiting = False
-        for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if other.number >= trial.number or is_decided(other):
+        for number in index.unfinished:
+            other = index.trials[number]
+            if number >= trial.number:
+                break
+            if is_decided(other):
                 continue
             if other.datetime_start and (now - other.datetime_start).total_seconds() > ABANDONED_S:
                 try:  # its driver died between ask and decision: nobody will ever decide it
@@ -79,34 +180,20 @@ def wait_turn(study: optuna.Study, trial: optuna.Trial) -> None:
         time.sleep(POLL_S)
 
 
-def lost_candidate(study: optuna.Study) -> FrozenTrial | None:
-    """The oldest candidate whose training was lost with its driver and that nobody trains now or has trained."""
-    trials = study.get_trials(deepcopy=False)
-
-    def key(t: FrozenTrial) -> str | None:
-        return config_key(t.user_attrs["config"]) if "config" in t.user_attrs else None
-
-    held = {key(t) for t in trials if settled(t) or (t.state == TrialState.RUNNING and CLAIMED in t.user_attrs)}
-    lost = [t for t in trials if is_lost(t)]
-    for t in lost:
-        if key(t) not in held and sum(key(u) == key(t) for u in lost) <= MAX_RETRIES:
-            return t
-    return None
-
-
-def take_turn(study: optuna.Study, trial: optuna.Trial, target: int | None) -> optuna.Trial | None:
+def take_turn(index: StudyIndex, trial: optuna.Trial, target: int | None) -> optuna.Trial | None:
     """Wait for this trial's turn. Returns the trial to sample (re-opened on a lost candidate's parameters
     if one is waiting), or None after withdrawing it because the study already has ``target`` candidates."""
-    wait_turn(study, trial)
+    study = index.study
+    wait_turn(index, trial)
     if target is not None:
-        done, training = counts(study)
+        done, training = index.counts()
         if done + training >= target:
             trial.set_user_attr(WITHDRAWN, True)
             study.tell(trial, state=TrialState.FAIL)
             return None
     if adapter.is_enqueued(study, trial):
         return trial  # enqueued (a resumed or fallback candidate): keep it
-    lost = lost_candidate(study)
+    lost = index.lost_candidate()
     if lost is None:
         return trial
     trial.set_user_attr("retry_of", lost.number)

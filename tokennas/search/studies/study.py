@@ -45,15 +45,20 @@ class FeasibleStartup(optuna.samplers.BaseSampler):
     def __init__(self, model: optuna.samplers.BaseSampler, n_startup: int, seed: int) -> None:
         self.model, self.startup, self.n_startup = model, optuna.samplers.RandomSampler(seed=seed), n_startup
         self._active: dict[int, optuna.samplers.BaseSampler] = {}
+        self.modelling = False  # n_startup feasible candidates finished: for good, so the study is not read again
 
     def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         return self._active.get(trial.number, self.model)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        feasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                            TrialState.RUNNING))
-                       if t.number != trial.number and t.constraints and not is_infeasible(t))
-        self._active[trial.number] = self.startup if feasible < self.n_startup else self.model
+        feasible = 0
+        if not self.modelling:  # repeats are told their original's outcome, but they are not new candidates
+            found = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                          TrialState.RUNNING))
+                     if t.number != trial.number and t.constraints and not is_infeasible(t) and not is_repeat(t)]
+            feasible = len(found)
+            self.modelling = sum(t.state != TrialState.RUNNING for t in found) >= self.n_startup
+        self._active[trial.number] = self.model if self.modelling or feasible >= self.n_startup else self.startup
         self._for(trial).before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -138,26 +143,51 @@ def tell_infeasible(study: optuna.Study, trial: optuna.Trial, flops: int) -> Non
     study.tell(trial, 0.0 if len(study.directions) == 1 else [0.0, float(flops)])
 
 
+def holds_config(trial: FrozenTrial) -> bool:
+    """A candidate that a later proposal of the same config repeats: trained, being trained, or failed with an
+    error; a candidate that was only interrupted may be trained again."""
+    if is_repeat(trial) or is_infeasible(trial) or "config" not in trial.user_attrs:
+        return False
+    if trial.state == TrialState.FAIL:
+        return "error" in trial.user_attrs
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
 def find_repeat(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial | None:
-    """An earlier candidate with the same config (whatever parameters built it) that was trained, is being
-    trained, or failed with an error; candidates that were only interrupted may be trained again."""
+    """The earliest candidate with the same config as ``trial`` (whatever parameters built it) that
+    ``holds_config``, by a scan of the study; the searcher asks ``coordination.StudyIndex`` the same question."""
     key = config_key(adapter.user_attrs(study, trial)["config"])
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
                                                           TrialState.FAIL)):
-        if other.number == trial.number or is_repeat(other) or is_infeasible(other) or "config" not in other.user_attrs:
-            continue
-        if other.state == TrialState.FAIL and "error" not in other.user_attrs:
-            continue  # interrupted, not failed: its candidate is asked again
-        if config_key(other.user_attrs["config"]) == key:
+        if other.number != trial.number and holds_config(other) and config_key(other.user_attrs["config"]) == key:
             return other
     return None
 
 
-def tell_repeat(study: optuna.Study, trial: optuna.Trial, original: FrozenTrial) -> None:
-    """Close a repeated proposal without training it. It is FAIL, which no sampler reads as evidence; the
-    report shows it as REPEAT with the original's number."""
+def tell_repeat(study: optuna.Study, trial: optuna.Trial, original: FrozenTrial, liar: float) -> None:
+    """Close a repeated proposal without training it, told what its original taught, so that the sampler learns
+    instead of proposing the same parameters again (it ignores FAIL):
+
+    - original COMPLETE: the original's value(s);
+    - original PRUNED: its intermediate values, then PRUNED (Optuna takes the last as its value), the same rung;
+    - original still RUNNING: ``liar``, a pessimistic accuracy (the caller's: the worst completed candidate's), as
+      a constant liar does, recorded as the ``liar`` user attribute; a finished trial cannot be told again, so the
+      lie stays after the original completes;
+    - original FAILED with an error: FAIL, which teaches nothing (the error may be the machine's, not the config's).
+
+    It keeps ``repeat_of``: the report shows it as REPEAT, and it never counts as a trained candidate."""
     trial.set_user_attr("repeat_of", original.number)
-    study.tell(trial, state=TrialState.FAIL)
+    if original.state == TrialState.COMPLETE:
+        study.tell(trial, original.values)
+    elif original.state == TrialState.PRUNED:
+        for step, value in sorted(original.intermediate_values.items()):  # none in Pareto mode (not reported)
+            trial.report(value, step)
+        study.tell(trial, state=TrialState.PRUNED)
+    elif original.state == TrialState.RUNNING:
+        trial.set_user_attr("liar", liar)
+        study.tell(trial, liar if len(study.directions) == 1 else [liar, float(original.user_attrs["flops"])])
+    else:
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def tell_failed(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
@@ -188,8 +218,12 @@ def is_failed(trial: FrozenTrial) -> bool:
 
 def failures(study: optuna.Study, runs: optuna.Study) -> list[FrozenTrial]:
     """Trials whose training raised or diverged, in the search and in the reference/re-ranking runs."""
-    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if is_failed(t)]
-    return failed + [t for t in runs.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if is_failed(t)] + run_failures(runs)
+
+
+def run_failures(runs: optuna.Study) -> list[FrozenTrial]:
+    """Reference and re-ranking runs whose training raised or diverged (a few dozen runs at most)."""
+    return [t for t in runs.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if "error" in t.user_attrs]
 
 
 def trained(trial: FrozenTrial) -> bool:

@@ -3,13 +3,15 @@
 ``BudgetSearcher`` keeps the FLOPs budget hard: a proposal over budget is closed in Optuna as
 infeasible inside ``suggest`` and the next one is asked, so Ray only ever starts feasible candidates
 and the sampler still learns where the budget ends. A proposal whose config was already trained is
-closed as a repeat and never trained twice. Reference jobs (the uniform baseline) are handed out
-before the sampler's candidates and recorded in the runs study, outside the sampler's evidence.
+closed as a repeat, told its original's outcome (``study.tell_repeat``), and never trained twice.
+Reference jobs (the uniform baseline) are handed out before the sampler's candidates and recorded in
+the runs study, outside the sampler's evidence.
 
 The count of trained candidates is read from the study, so a failure is replaced by a new proposal
 and the search ends when ``trials`` candidates are trained or ``max_failures`` trials have failed.
 Several drivers may share one study (``coordination.py``): the count and the repeat check are then
-taken on each trial's turn, over every driver's trials.
+taken on each trial's turn, over every driver's trials. They are read from a ``coordination.StudyIndex`` that
+each proposal brings up to date with the trials added or finished since the last, not from a scan of the study.
 
 ``JobSearcher`` hands out a fixed list of runs (the re-ranking stage) and records them the same way.
 """
@@ -241,6 +243,20 @@ class BudgetSearcher(RunsSearcher):
         self.feasible = feasible if feasible is not None else space.feasible(budget, inputs)[0]
         self.rng, self.stall = random.Random(seed), stall
         self._next_poll = 0.0
+        self.index = coordination.StudyIndex(study)  # built on the first proposal (a resumed study too)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("index")
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.index = coordination.StudyIndex(self.study)
+
+    def stopped_for_failures(self) -> bool:
+        self.index.refresh()
+        return self.index.failed + len(S.run_failures(self.runs)) >= self.max_failures
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self.stopped_for_failures():
@@ -251,8 +267,8 @@ class BudgetSearcher(RunsSearcher):
                 return job
         if time.monotonic() < self._next_poll:
             return None
-        adapter.fail_stale(self.study)  # a dead driver's trials (shared RDB studies)
-        trained, training = coordination.counts(self.study)  # over every driver of the study
+        adapter.fail_stale(self.study)  # a dead driver's trials (shared RDB studies); the turn reads them
+        trained, training = self.index.counts()  # over every driver of the study
         if trained >= self.trials:
             return self._finished()
         if trained + training >= self.trials:  # enough in flight; a failure among them will be replaced
@@ -270,7 +286,7 @@ class BudgetSearcher(RunsSearcher):
         while True:
             if misses and misses % self.stall == 0 and self.feasible:
                 self._enqueue_untried()
-            trial = coordination.take_turn(self.study, self.study.ask(), self.trials)
+            trial = coordination.take_turn(self.index, self.study.ask(), self.trials)
             if trial is None:  # the other drivers filled the study first
                 return None
             config = self.space.suggest(trial, self.inputs)
@@ -280,9 +296,9 @@ class BudgetSearcher(RunsSearcher):
                 self.infeasible += 1
                 misses += 1
                 continue
-            original = S.find_repeat(self.study, trial)
+            original = self.index.original(config_key(config), trial.number)
             if original is not None:  # samplers re-propose, and many parameter sets build one config
-                S.tell_repeat(self.study, trial, original)
+                S.tell_repeat(self.study, trial, original, self.index.liar())
                 self.repeats += 1
                 misses += 1
                 continue
@@ -297,10 +313,9 @@ class BudgetSearcher(RunsSearcher):
 
     def _enqueue_untried(self) -> None:
         """The sampler keeps proposing what is over budget or already trained: hand it one untried feasible
-        candidate at random, so a search near the end of a small space still finishes."""
-        seen = {config_key(t.user_attrs["config"]) for t in self.study.get_trials(deepcopy=False)
-                if "config" in t.user_attrs and not S.is_infeasible(t)}
-        untried = sorted(set(self.feasible) - seen)
+        candidate at random, so a search near the end of a small space still finishes. It is marked ``fallback``
+        (the summary counts them)."""
+        untried = sorted(set(self.feasible) - self.index.proposed())
         if untried:
             self.study.enqueue_trial(self.feasible[self.rng.choice(untried)], user_attrs={"fallback": True})
             self.fallbacks += 1
@@ -310,7 +325,7 @@ class BudgetSearcher(RunsSearcher):
         retry_of = adapter.user_attrs(self.study, trial).get("retry_of")
         if retry_of is None:
             return None
-        path = self.study.trials[retry_of].user_attrs.get("checkpoint")
+        path = self.index.trials[retry_of].user_attrs.get("checkpoint")
         return path if path and Path(path).exists() else None
 
 class TrialEvents(Callback):
