@@ -217,3 +217,27 @@ def test_a_schedule_runs_the_parents_weights_unchanged(tiny_parent):
     net = build_supernet([space.parent()], parent)
     images = torch.randn(3, 1, 16, 16)
     torch.testing.assert_close(net.child_model(identity).eval()(images), net.child_model(space.parent()).eval()(images))
+
+
+def test_a_parent_is_only_scored_on_images_it_never_trained_on(tiny_parent, tmp_path, capsys):
+    """`tokennas train` records the validation split its weights were held out from; a search or `evaluate --split
+    val` with another --seed (whose validation split holds training images of the parent) is refused in one line,
+    and a second schedule (--init) under another seed leaves no validation split held out."""
+    for argv in (["search", "--space", "layers", "--parent", str(tiny_parent), "--flops", "50%", "--trials", "2",
+                  "--seed", "1", "--quiet", "--out", str(tmp_path / "run")],
+                 ["evaluate", str(tiny_parent), "--split", "val", "--seed", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1
+        assert "invalid --seed 1" in err and "outside the validation split of seed 0" in err
+    assert not (tmp_path / "run").exists()
+    main_ok(["evaluate", str(tiny_parent), "--split", "test", "--seed", "1", "--images", "50"])  # the test split: fine
+    again = tmp_path / "again"
+    main_ok(["train", str(tiny_parent.parent.parent / "vit.yaml"), "--epochs", "1", "--train-subset", "100",
+             "--init", str(tiny_parent), "--seed", "1", "--out", str(again)])
+    capsys.readouterr()
+    for seed in ("0", "1"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["evaluate", str(again / "checkpoint.pt"), "--split", "val", "--seed", seed])
+        assert exit_.value.code == 2 and "more than one validation split" in capsys.readouterr().err

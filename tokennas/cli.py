@@ -283,7 +283,7 @@ def train(
     import torch
 
     from .config import load_config
-    from .data import Batches, load_data
+    from .data import Batches, load_data, trained_split
     from .train import (
         RESUME_STATE,
         NonFiniteLoss,
@@ -295,6 +295,7 @@ def train(
         initial_weights,
         load_resume_state,
         save_checkpoint,
+        trained_on,
         write_atomic,
     )
 
@@ -320,6 +321,9 @@ def train(
                          "or use another --out")
     data = load_data(dataset, data_dir, model_config.img_size, train_subset, seed=seed, with_test=True)
     check_compatible(model_config, data)
+    before = trained_on(init) if init and init.is_file() else None  # --init: what its weights trained on
+    mixed = before is not None and before.get("dataset") == data.name and before != trained_split(data.name, seed)
+    split = trained_split(data.name, None if mixed else seed)  # seed None: no validation split was held out
     history = list(state["history"]) if state else []
 
     def on_epoch(metrics, epoch_state):
@@ -343,7 +347,7 @@ def train(
               "test_loss": test["loss"], "flops": sum(model_config.flops_by_module().values()),
               "params": model_config.num_params()}
     write_atomic(out / "history.csv", lambda path: pd.DataFrame(history).to_csv(path, index=False))
-    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result,
+    save_checkpoint(model.cpu(), model_config, out / "checkpoint.pt", metrics=result, split=split,
                     data_config=data.data_config)  # the preprocessing timm's resolve_data_config gives back
     write_atomic(out / "metrics.json", lambda path: path.write_text(json.dumps(result, indent=2)))
     (out / RESUME_STATE).unlink(missing_ok=True)
@@ -391,7 +395,7 @@ def evaluate(
 
     from . import count_flops
     from .config import PRESETS, build_model, config_from_dict, load_config
-    from .data import Batches, TensorSplit, load_data
+    from .data import Batches, TensorSplit, check_held_out, load_data
     from .models.supernet import build_supernet, load_parent
     from .parents import is_parent, list_parents, resolve_parent
     from .train import TrainSettings, check_compatible
@@ -437,6 +441,9 @@ def evaluate(
             raise ValueError(f"invalid --parent {parent!r}: its classifier does not fit dataset {data.name!r} "
                              f"({data.num_classes} classes); evaluating needs a parent trained on the data")
         model = build_supernet([model_config], weights).child_model(model_config)  # raises naming what does not fit
+    if split == "val":  # weights that trained on images of this validation split would not be held out
+        check_held_out(state.get("split") if parent is None else weights.extras.get("split"), data.name, seed,
+                       config if parent is None else f"--parent {parent}")
     held_out = data.test if split == "test" else data.val
     if images is not None:
         if images > len(held_out):

@@ -18,6 +18,7 @@ import gzip
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ HOW_TO_GET_FASHION_MNIST = ("as root: apt-get install dataset-fashion-mnist; wit
                             "and set FASHION_MNIST_DIR=FOLDER or pass --data-dir FOLDER")
 FASHION_MNIST_STATS = (0.2860, 0.3530)  # mean, std of the training images
 EMBEDDED = "fashion-mnist"
+VAL_FRACTION = 0.1  # of the training images, carved by the seed as the validation split
 AUGMENTS = ("auto", "light", "imagenet", "none")  # auto: light below 64px, timm's ImageNet policy from 64px
 # default: the short recipe tuned for searches; deit: DeiT's augmentation and label smoothing, for long GPU-scale runs
 RECIPES = ("default", "deit")
@@ -102,8 +104,31 @@ def _split_indices(n: int, val_size: int, train_subset: int | None, seed: int) -
     return np.sort(train), np.sort(val)
 
 
+def trained_split(dataset: str, seed: int | None) -> dict[str, Any]:
+    """What a checkpoint records of the data it trained on: the dataset and the seed that carved its validation
+    split (None: schedules of different seeds, so that no validation split was held out from all of them)."""
+    return {"dataset": dataset, "seed": seed, "val_fraction": VAL_FRACTION}
+
+
+def check_held_out(trained_on: dict[str, Any] | None, dataset: str, seed: int, what: str) -> None:
+    """A ``ValueError`` unless the validation split of ``seed`` holds no image that ``what`` trained on: weights
+    that record a validation split of the same dataset (``trained_split``) must have been held out from this one.
+    Weights without a record, or trained on another dataset, are taken as they are."""
+    if not trained_on or trained_on.get("dataset") != dataset:
+        return
+    held, fraction = trained_on.get("seed"), trained_on.get("val_fraction", VAL_FRACTION)
+    if held == seed and fraction == VAL_FRACTION:
+        return
+    if held is None or fraction != VAL_FRACTION:
+        raise ValueError(f"{what} trained on images of more than one validation split of {dataset!r}, so none is "
+                         "held out from it; evaluate it on the test split (--split test)")
+    raise ValueError(f"invalid --seed {seed} with {what}: it trained on {dataset!r} outside the validation split of "
+                     f"seed {held}, so the validation split of seed {seed} holds images it trained on and its "
+                     f"accuracies would not be held out; use --seed {held}")
+
+
 def load_data(dataset: str = EMBEDDED, data_dir: str | Path | None = None, img_size: int = 32,
-              train_subset: int | None = None, val_fraction: float = 0.1, seed: int = 0,
+              train_subset: int | None = None, val_fraction: float = VAL_FRACTION, seed: int = 0,
               with_test: bool = False, augment: str = "auto") -> DataBundle:
     """Load ``dataset`` with a seeded validation split; ``train_subset`` keeps the first N training images.
 

@@ -274,6 +274,12 @@ def initial_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+def trained_on(path: str | Path) -> dict[str, Any] | None:
+    """The data a ``tokennas train`` checkpoint records it trained on (``data.trained_split``), if it does."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("split") if isinstance(state, dict) else None
+
+
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     config = config_from_dict(state["config"])

@@ -212,7 +212,10 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], ScheduleViTConfig 
         if config.pool_after or config.share_attn or getattr(config, "keep_tokens", ()):
             raise ValueError(f"invalid --parent {str(path)!r}: its ViT pools, shares or merges tokens; a parent "
                              "must be a uniform ViT (e.g. a `tokennas train deit_tiny` checkpoint)")
-        return state["model"], config, state.get("supernet") or {}
+        extras = dict(state.get("supernet") or {})
+        if "split" in state:  # what it trained on (data.trained_split)
+            extras["split"] = state["split"]
+        return state["model"], config, extras
     for key in ("state_dict", "model", "state_dict_ema"):  # common wrappers of a plain state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

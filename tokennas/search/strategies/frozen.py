@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ModelConfig, config_from_dict
-from ...models.supernet import Supernet, build_supernet, load_parent
+from ...models.supernet import Supernet, build_supernet
 from ...speed import throughput_against
 from ..settings import SearchSettings
 from ..stages import Prepared, StageContext
-from .oneshot import check_scoring, drop_baseline_unless_held, score_stage, supernet_path
+from .oneshot import check_scoring, drop_baseline_unless_held, parent_weights, score_stage, supernet_path
 
 FROZEN_SPACES = ("layers",)  # spaces whose candidates are schedules of one parent, weights unchanged
 SPEED_BATCHES = (1, 256)
@@ -91,7 +91,7 @@ class Frozen:
 
 def _parent_net(settings: SearchSettings, prepared: Prepared) -> Supernet:
     inputs = prepared.inputs
-    parent = load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes)
+    parent = parent_weights(settings, prepared)
     if not parent.head_kept:
         raise ValueError(f"invalid --parent {settings.parent!r}: its classifier does not fit the data's "
                          f"{inputs.num_classes} classes; the frozen strategy scores schedules with the parent's own "

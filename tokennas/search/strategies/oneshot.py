@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ...config import ModelConfig, config_from_dict
-from ...data import Batches, DataBundle, TensorSplit
+from ...data import Batches, DataBundle, TensorSplit, check_held_out
 from ...flops import count_flops
 from ...models.supernet import Supernet, build_supernet, load_parent
 from ...parents import resolve_parent
@@ -187,10 +187,15 @@ def supernet_path(run_dir: Path) -> Path:
     return run_dir / "supernet.pt"
 
 
-def _parent(settings: SearchSettings, prepared: Prepared):
+def parent_weights(settings: SearchSettings, prepared: Prepared):
+    """``--parent`` fitted to the data (None without one); refused when it trained on images of the search's
+    validation split (``data.check_held_out``: another --seed than its own), whose scores would not be held out."""
+    if not settings.parent:
+        return None
     inputs = prepared.inputs
-    return load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes) \
-        if settings.parent else None
+    parent = load_parent(settings.parent, inputs.img_size, inputs.in_chans, inputs.num_classes)
+    check_held_out(parent.extras.get("split"), prepared.data.name, settings.seed, f"--parent {settings.parent}")
+    return parent
 
 
 class OneShot:
@@ -219,7 +224,7 @@ class OneShot:
         """The parent loads, fits the data and covers every feasible candidate; a supernet can hold the space. A
         baseline the supernet cannot hold (another patch size, say) is not scored on its weights: it would fail on
         every seed; the summary says why it is missing."""
-        parent = _parent(settings, prepared)
+        parent = parent_weights(settings, prepared)
         supernet_epochs(settings, parent is None or parent.head_kept)
         net = build_supernet(feasible_configs(prepared), parent)  # raises naming what a candidate needs
         drop_baseline_unless_held(net, prepared, "the supernet cannot hold it")
@@ -267,7 +272,7 @@ def _supernet(ctx: StageContext) -> bool:
     from optuna.trial import TrialState
 
     settings, prepared, run_dir = ctx.settings, ctx.prepared, ctx.run_dir
-    parent = _parent(settings, prepared)
+    parent = parent_weights(settings, prepared)
     configs = feasible_configs(prepared)
     epochs = supernet_epochs(settings, parent is None or parent.head_kept)
     net = build_supernet(configs, parent)
