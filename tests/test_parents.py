@@ -110,3 +110,17 @@ def test_presets_table_shows_the_parent(root, capsys):
     acc = json.loads((root / "tiny" / "metrics.json").read_text())["test_acc"]
     assert code == 0 and "test acc" in out and "deit_tiny" in out
     assert any("tiny" in line and f"{acc:.4f}" in line for line in out.splitlines())
+
+
+@pytest.mark.skipif(not (PARENTS_DIR / "fmnist-vit" / "checkpoint.pt").is_file(), reason="fmnist-vit is not built")
+def test_the_shipped_parent_measures_what_it_records(capsys):
+    """`tokennas evaluate fmnist-vit --split test` gives the test accuracy its metrics.json (and `tokennas presets`)
+    state, on all 10,000 test images; the checkpoint records the validation split it was held out from (seed 0)."""
+    import torch
+
+    metrics = json.loads((PARENTS_DIR / "fmnist-vit" / "metrics.json").read_text())
+    code, out, _ = cli(capsys, "evaluate", "fmnist-vit", "--split", "test", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["images"] == 10000 and result["acc"] == pytest.approx(metrics["test_acc"], abs=2e-4)
+    state = torch.load(PARENTS_DIR / "fmnist-vit" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["split"] == {"dataset": "fashion-mnist", "seed": 0, "val_fraction": 0.1}
