@@ -386,7 +386,8 @@ def replay(args) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = pd.read_csv(args.table)
     depth = sum(c.startswith("prune") for c in table.columns)
-    dims = LayersSpace(trunk={"depth": depth}).dimensions(Inputs())
+    space = LayersSpace(trunk={"depth": depth})
+    dims = space.dimensions(Inputs())
     distributions = {name: optuna.distributions.CategoricalDistribution(list(bounds)) if name.startswith("share")
                      else optuna.distributions.FloatDistribution(*bounds) for name, bounds in dims.items()}
     rows = direction_vectors(table[list(dims)].to_dict("records"), depth)
@@ -399,6 +400,9 @@ def replay(args) -> None:
         runs, seen, dist = [], [], []
         for seed in range(args.seeds):
             study = optuna.create_study(direction="maximize", sampler=make_sampler(name, seed, args.evals))
+            if name != "random":  # as the frozen strategy does: the space's hand-set directions first
+                for params in space.starts(Inputs()).values():
+                    study.enqueue_trial(params)
             hits = []
             for _ in range(args.evals):
                 trial = study.ask(distributions)
@@ -423,7 +427,8 @@ def replay(args) -> None:
           f"{np.median(values):.4f}. Each proposal is answered by the table row NEAREST to it (Euclidean distance "
           "between directions, each normalised by its largest rate, shares as 0/1) with that row's val_acc: an "
           "approximation of the live search, which would score the proposal's own schedule. "
-          f"{args.seeds} seeds per sampler, {args.evals} evaluations; medians over seeds. Target: random's median "
+          f"{args.seeds} seeds per sampler, {args.evals} evaluations; medians over seeds; every sampler but random "
+          "starts from the space's hand-set directions, as the search does. Target: random's median "
           f"best after {args.evals}, {target:.4f}.\n")
     out = []
     for name, runs in curves.items():
