@@ -10,8 +10,9 @@
 ``compare``: at each share of the parent's MACs, the best schedule of a layers search (frozen strategy, scored on
 validation images) against, within the same MACs and on the same weights: ToMe's constant r (Bolya et al. 2023),
 EViT's keep rate at a quarter, half and three quarters of the depth (Liang et al. 2022), HVT's max1d pooling (Pan et al.
-2021, class token kept, no stage positional embedding) and the median of 20 random layers schedules. Every contender
-is scored once on the test split; the paired bootstrap interval of (searched - reference) resamples the test images.
+2021, class token kept, no stage positional embedding) and the median of 20 random layers schedules (the median by
+accuracy on the search's validation images, as a user without the test split would pick it). Every contender is
+scored once on the test split; the paired bootstrap interval of (searched - reference) resamples the test images.
 Then the searched schedule and ToMe's are fine-tuned from the parent's weights with the same settings and compared
 again. ``speed``: the compare CSV's schedules timed against the parent (interleaved, batch 1 and 256).
 ``ground-truth``: random directions projected onto one budget, each scored on the parent's weights (resumable).
@@ -43,6 +44,7 @@ from tokennas.data import Batches, TensorSplit, load_data  # noqa: E402
 from tokennas.flops import parse_budget  # noqa: E402
 from tokennas.models.schedule_vit import ScheduleViTConfig  # noqa: E402
 from tokennas.models.supernet import build_supernet, load_parent  # noqa: E402
+from tokennas.search.strategies.oneshot import scoring_batches  # noqa: E402
 from tokennas.spaces import Inputs  # noqa: E402
 from tokennas.spaces.hvt import hvt_positions  # noqa: E402
 from tokennas.spaces.layers import LayersSpace, tome_schedule  # noqa: E402
@@ -210,6 +212,7 @@ def compare(args) -> None:
     trunk, net, data = open_parent(args.parent, args.seed, args.train_subset)
     parent = LayersSpace(trunk=trunk).parent()
     batches = test_batches(data, args.test_images, parent.img_size)
+    val = scoring_batches(data, args.score_images, parent.img_size, device())  # what the search scores on
     parent_correct = correct(net.child_model(parent), batches)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="bench_layers_"))
     runs.mkdir(parents=True, exist_ok=True)
@@ -238,17 +241,18 @@ def compare(args) -> None:
         ]
         scored = {name: (config, note, correct(net.child_model(config), batches) if config else None)
                   for name, config, note in contenders}
-        randoms = []
+        randoms = []  # ranked on the search's scoring images (validation): the test split is read once, by the median
         for params in random_directions(RANDOM_SCHEDULES, parent.depth, args.seed):
             config = space.build(params, Inputs(parent.img_size, parent.in_chans, parent.num_classes))
             if count_flops(config) <= budget:
-                randoms.append((config, correct(net.child_model(config), batches)))
-        randoms.sort(key=lambda r: r[1].mean())
-        accs = [r[1].mean() for r in randoms]
-        median = randoms[(len(randoms) - 1) // 2] if randoms else (None, None)  # the lower middle: a real schedule
-        scored["random (median)"] = (median[0], f"median of {len(randoms)} of {RANDOM_SCHEDULES} random directions "
-                                     f"within the budget" + (f" (test acc {min(accs):.4f} to {max(accs):.4f})"
-                                                             if accs else ""), median[1])
+                randoms.append((config, correct(net.child_model(config), val).mean()))
+        randoms.sort(key=lambda r: r[1])
+        accs = [r[1] for r in randoms]
+        median = randoms[(len(randoms) - 1) // 2][0] if randoms else None  # the lower middle: a real schedule
+        scored["random (median)"] = (median, f"median by validation accuracy of {len(randoms)} of {RANDOM_SCHEDULES} "
+                                     "random directions within the budget" +
+                                     (f" (val acc {min(accs):.4f} to {max(accs):.4f})" if accs else ""),
+                                     correct(net.child_model(median), batches) if median else None)
         frozen = table_rows(share, budget, scored, "frozen")
         print(f"#### {share:g}% of the parent's MACs ({budget:,}), on the parent's weights\n")
         print(markdown(frozen, count_flops(parent)))

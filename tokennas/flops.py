@@ -30,7 +30,8 @@ ZERO_COST_OPS = (
     "aten::lt", "aten::gt", "aten::le", "aten::ge", "aten::cumsum", "aten::arange", "aten::linspace",
     "aten::repeat_interleave", "aten::dropout", "aten::bernoulli_", "aten::masked_fill",
     "aten::scatter_add", "aten::one_hot", "aten::log", "aten::fill_", "aten::zero_", "aten::rand",
-    "aten::hardswish", "aten::hardswish_", "aten::ones_like",
+    "aten::hardswish", "aten::hardswish_", "aten::ones_like", "aten::linalg_vector_norm", "aten::clamp_min",
+    "aten::expand_as",
 )
 
 

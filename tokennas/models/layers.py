@@ -216,23 +216,25 @@ class TokenMerge(nn.Module):
         p = self.num_prefix_tokens
         B, N, C = x.shape
         r = N - p - self.keep
-        if size is None:
-            size = torch.ones_like(x[..., :1])  # (B, N, 1)
-        metric = k.mean(dim=1)[:, p:]  # (B, n, hd)
-        metric = metric / metric.pow(2).sum(dim=-1, keepdim=True).sqrt()
+        metric = F.normalize(k.mean(dim=1)[:, p:], dim=-1)  # (B, n, hd), cosine-normalised
         similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-2, -1)  # (B, |A|, |B|)
         best, partner = similarity.max(dim=-1)  # (B, |A|)
         order = best.argsort(dim=-1, descending=True)
         merged, kept = order[:, :r], order[:, r:].sort(dim=-1).values
-        weighted = x[:, p:] * size[:, p:]  # sums of the patches' values; divided by the sizes at the end
-        a, b = weighted[:, ::2], weighted[:, 1::2]
-        size_a, size_b = size[:, p:][:, ::2], size[:, p:][:, 1::2]
-        target = partner.gather(1, merged)  # (B, r): the B token each merged A token joins
-        b = b.scatter_add(1, target.unsqueeze(-1).expand(-1, -1, C), _take(a, merged))
-        size_b = size_b.scatter_add(1, target.unsqueeze(-1), _take(size_a, merged))
-        size = torch.cat([size[:, :p], _take(size_a, kept), size_b], dim=1)
-        x = torch.cat([x[:, :p], _take(a, kept) / _take(size_a, kept), b / size_b], dim=1)
-        return x, size
+        a, b = x[:, p:][:, ::2], x[:, p:][:, 1::2]
+        target = partner.gather(1, merged).unsqueeze(-1)  # (B, r, 1): the B token each merged A token joins
+        # B tokens become size-weighted sums, divided by their new sizes; unmerged A tokens are left as they are
+        if size is None:  # every token stands for one patch: no weights to apply
+            ones = torch.ones_like(x[..., :1])  # (B, N, 1)
+            size_a, size_b = ones[:, p:][:, ::2], ones[:, p:][:, 1::2]
+            prefix_size, moved = ones[:, :p], _take(a, merged)
+        else:
+            size_a, size_b = size[:, p:][:, ::2], size[:, p:][:, 1::2]
+            prefix_size, moved, b = size[:, :p], _take(a, merged) * _take(size_a, merged), b * size_b
+        b = b.scatter_add(1, target.expand(-1, -1, C), moved)
+        size_b = size_b.scatter_add(1, target, _take(size_a, merged))
+        x = torch.cat([x[:, :p], _take(a, kept), b / size_b], dim=1)
+        return x, torch.cat([prefix_size, _take(size_a, kept), size_b], dim=1)
 
 
 class TokenPrune(nn.Module):
