@@ -265,7 +265,10 @@ def initial_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """``tokennas train --init``: the weights of a ``tokennas train`` checkpoint of the same config."""
     if not Path(path).is_file():
         raise ValueError(f"invalid --init {str(path)!r}: no such file; expected a `tokennas train` checkpoint.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (pickle, zip and format errors alike)
+        raise ValueError(f"invalid --init {str(path)!r}: not a PyTorch checkpoint ({type(err).__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"invalid --init {str(path)!r}: not a `tokennas train` checkpoint (no model and config)")
     if config_from_dict(state["config"]).to_dict() != config.to_dict():
@@ -276,7 +279,10 @@ def initial_weights(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
 
 def trained_on(path: str | Path) -> dict[str, Any] | None:
     """The data a ``tokennas train`` checkpoint records it trained on (``data.trained_split``), if it does."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (not a checkpoint: --init's own check names the problem in one line)
+        return None
     return state.get("split") if isinstance(state, dict) else None
 
 
