@@ -268,6 +268,8 @@ def train(
     lr: float = typer.Option(3e-3, help="AdamW learning rate at batch 128 (scaled linearly)."),
     seed: int = typer.Option(0, help="Seeds the data split and the initialisation."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    augment: str = typer.Option("auto", help="Training augmentation, as for `tokennas search`: auto, light, imagenet "
+                                "or none (e.g. a last, low --lr schedule on clean images for a model that underfits)."),
     recipe: str = typer.Option("default", help=RECIPE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last finished epoch "
                                 "(--out/last.pt, written after every epoch), with the same config and options."),
@@ -283,7 +285,7 @@ def train(
     import torch
 
     from .config import load_config
-    from .data import Batches, load_data, trained_split
+    from .data import AUGMENTS, Batches, load_data, trained_split
     from .train import (
         RESUME_STATE,
         NonFiniteLoss,
@@ -306,20 +308,24 @@ def train(
         (math.isfinite(lr) and lr > 0, f"invalid --lr {lr}; expected a positive finite number"),
         (train_subset is None or train_subset >= 10, f"invalid --train-subset {train_subset}; expected at least 10 "
                                                      "images"),
+        (augment in AUGMENTS, f"invalid --augment {augment!r}; expected one of: {', '.join(AUGMENTS)}"),
         *_device_checks(device),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, recipe=recipe)
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, recipe=recipe,
+                             augment=augment)
     check_out(out)  # before the training, so that no earlier run is replaced and no hours are lost
     options = {"epochs": epochs, "dataset": dataset, "train_subset": train_subset, "batch_size": batch_size, "lr": lr,
-               "seed": seed, "init": str(init) if init else None, "recipe": recipe}  # --resume must repeat them
+               "seed": seed, "init": str(init) if init else None, "recipe": recipe,
+               **({"augment": augment} if augment != "auto" else {})}  # --resume must repeat them
     state = load_resume_state(out, model_config, options) if resume else None
     if not resume and (out / RESUME_STATE).exists():
         raise ValueError(f"--out {str(out)!r} holds an unfinished run ({RESUME_STATE}); continue it with --resume "
                          "or use another --out")
-    data = load_data(dataset, data_dir, model_config.img_size, train_subset, seed=seed, with_test=True)
+    data = load_data(dataset, data_dir, model_config.img_size, train_subset, seed=seed, with_test=True,
+                     augment=augment)
     check_compatible(model_config, data)
     before = trained_on(init) if init and init.is_file() else None  # --init: what its weights trained on
     mixed = before is not None and before.get("dataset") == data.name and before != trained_split(data.name, seed)
