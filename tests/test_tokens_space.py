@@ -1,10 +1,12 @@
 """The `tokens` space: every grid point builds a valid, monotone schedule; most land within the budget."""
 
+import itertools
 import random
 
 import optuna
 import pytest
 
+from tokennas.config import config_key
 from tokennas.models.schedule_vit import ScheduleViTConfig
 from tokennas.spaces import Inputs, get_space
 from tokennas.spaces.tokens import MECHANISMS, SHAPES, TokensSpace, _Schedule
@@ -19,7 +21,10 @@ def macs(config) -> int:
 
 
 def grid_configs(space, inputs):
-    return [(params, space.build(params, inputs)) for params in space.grid(inputs)]
+    """Every choice of the schedule parameters and the config solved from it."""
+    dims = space.schedule_dimensions(inputs)
+    return [(params, space.schedule(params, inputs))
+            for params in (dict(zip(dims, values, strict=True)) for values in itertools.product(*dims.values()))]
 
 
 def test_every_grid_point_builds_a_monotone_valid_schedule_and_most_fit_the_budget():
@@ -48,10 +53,10 @@ def test_schedule_aims_at_the_cost_fraction():
     space, inputs = TokensSpace(budget=BUDGET), Inputs()
     params = dict(embed_dim=64, depth=8, num_heads=2, mechanism="merge", shape="constant", start=0.0,
                   attn_sharing="none")
-    costs = [macs(space.build({**params, "cost": c}, inputs)) for c in (0.6, 0.8, 1.0)]
+    costs = [macs(space.schedule({**params, "cost": c}, inputs)) for c in (0.6, 0.8, 1.0)]
     assert costs == sorted(costs) and costs[0] <= 0.6 * BUDGET and costs[-1] <= BUDGET
     assert costs[-1] > 0.9 * BUDGET  # the mildest schedule within the target, not a much stronger one
-    small = space.build({**params, "embed_dim": 48, "depth": 4, "cost": 1.0}, inputs)
+    small = space.schedule({**params, "embed_dim": 48, "depth": 4, "cost": 1.0}, inputs)
     assert small.keep_tokens == () and small.pool_after == ()  # under budget unreduced: nothing to remove
 
 
@@ -72,7 +77,7 @@ def test_closed_form_schedule_cost_equals_the_config():
 
 def test_fixed_trunk_has_single_choice_trunk_dimensions():
     space = TokensSpace(budget=800_000_000, trunk=DEIT_TINY_TRUNK)
-    dims = space.dimensions(IMAGENET)
+    dims = space.schedule_dimensions(IMAGENET)
     assert dims["embed_dim"] == (192,) and dims["depth"] == (12,) and dims["num_heads"] == (3,)
     built = grid_configs(space, IMAGENET)
     assert all(c.patch_size == 16 and c.embed_dim == 192 and c.class_token for _, c in built)
@@ -80,7 +85,7 @@ def test_fixed_trunk_has_single_choice_trunk_dimensions():
 
 
 def test_fixed_head_count_keeps_only_widths_it_divides():
-    dims = TokensSpace(trunk=dict(num_heads=3)).dimensions(Inputs())
+    dims = TokensSpace(trunk=dict(num_heads=3)).schedule_dimensions(Inputs())
     assert dims["num_heads"] == (3,) and all(d % 3 == 0 for d in dims["embed_dim"]) and dims["embed_dim"]
 
 
@@ -89,18 +94,31 @@ def test_registered_space_without_budget_aims_at_the_trunks_own_cost():
     assert isinstance(space, TokensSpace) and space.budget is None
     params = dict(embed_dim=64, depth=6, num_heads=2, mechanism="prune", shape="front", start=0.25,
                   attn_sharing="alternate")
-    full = macs(space.build({**params, "cost": 1.0, "attn_sharing": "none"}, inputs))
-    assert macs(space.build({**params, "cost": 0.6}, inputs)) <= 0.6 * full
-    config = space.suggest(optuna.trial.FixedTrial({**params, "cost": 0.7}), inputs)
-    assert config == space.build({**params, "cost": 0.7}, inputs)
+    full = macs(space.schedule({**params, "cost": 1.0, "attn_sharing": "none"}, inputs))
+    assert macs(space.schedule({**params, "cost": 0.6}, inputs)) <= 0.6 * full
+    candidates = space.candidates(inputs)
+    index = candidates.index(space.schedule({**params, "cost": 0.7}, inputs))
+    assert space.suggest(optuna.trial.FixedTrial({"candidate": index}), inputs) == candidates[index]
 
 
 def test_feasible_and_baseline():
     space, inputs = TokensSpace(budget=BUDGET), Inputs()
     feasible, smallest = space.feasible(BUDGET, inputs)
     assert len(feasible) > 1000 and smallest <= BUDGET
+    solved = {config_key(c) for _, c in grid_configs(space, inputs) if macs(c) <= BUDGET}
+    assert set(feasible) == solved and space.size(inputs) == len(solved)  # one index per distinct schedule within
+    costs = [macs(c) for c in space.candidates(inputs)]
+    assert costs == sorted(costs)  # ordered by MACs
     baseline = space.baseline(BUDGET, inputs)
     assert baseline is not None and macs(baseline) <= BUDGET
+
+
+def test_candidate_index_is_checked_and_without_budget_covers_every_schedule():
+    space, inputs = get_space("tokens"), Inputs()
+    assert len(space.candidates(inputs)) == len({config_key(c) for _, c in grid_configs(space, inputs)})
+    for bad in (-1, len(space.candidates(inputs)), "3", True):
+        with pytest.raises(ValueError, match="`candidate`"):
+            space.build({"candidate": bad}, inputs)
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(budget=0), "`budget`"), (dict(trunk=dict(width=3)), "`trunk`")])

@@ -103,7 +103,8 @@ def spaces(as_json: bool = typer.Option(False, "--json", help="Print a JSON list
         console.print(f"[bold]{r['name']}[/bold]  {size} at {inputs.img_size}px")
         console.print(f"  {r['description']}")
         for dim, choices in r["dimensions"].items():
-            console.print(f"  {dim}: {', '.join(map(str, choices))}")
+            long_index = len(choices) > 10 and choices == list(range(len(choices)))  # the tokens space's candidates
+            console.print(f"  {dim}: {f'0 to {len(choices) - 1}' if long_index else ', '.join(map(str, choices))}")
 
 
 @app.command()

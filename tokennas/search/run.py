@@ -41,7 +41,7 @@ from .settings import SearchSettings, load_settings, parse_duration, save_settin
 from .signals import GracefulStop, Interrupted
 from .stages import Prepared, StageContext, has_run, make_job, trained_count
 from .studies import study as S
-from .studies.storage import check_compatible, is_shared, open_storage, recover_lost_trials, redact
+from .studies.storage import check_compatible, check_encoding, is_shared, open_storage, recover_lost_trials, redact
 from .tune import cluster
 from .tune.searcher import RunsSearcher
 from .tune.trainable import log_to, run_stage
@@ -165,7 +165,8 @@ def _run(settings: SearchSettings | None, out: Path | None, resume: Path | None,
         else:
             run_dir = create_run(settings, run_dir, storage)
         log_to(run_dir / "search.log")
-        study, runs = _open_studies(settings, storage, resume is not None)
+        study, runs = _open_studies(settings, storage, resume is not None,
+                                    prepared.space.distributions(prepared.inputs))
         ctx = StageContext(settings, prepared, study, runs, run_dir, deadline, progress, stop)
         _stages(ctx)
     finally:
@@ -184,8 +185,9 @@ def _progress_note(ctx: StageContext) -> str:
                      if stage in stages)
 
 
-def _open_studies(settings: SearchSettings, storage: Any, resume: bool):
+def _open_studies(settings: SearchSettings, storage: Any, resume: bool, distributions: dict[str, Any]):
     study = S.open_study(storage, settings.objective, study_name=settings.study_name)
+    check_encoding(study, distributions, settings.space)  # before anything is enqueued
     # a resumed sampler must not replay the draws of the first run, nor drivers started together each other's
     offset = len(study.trials) + (os.getpid() if is_shared(storage) else 0)
     study.sampler = S.make_sampler(settings.sampler, settings.seed + offset, settings.trials)

@@ -1,4 +1,4 @@
-"""What a search space is: named categorical dimensions and a pure function from a choice to a config."""
+"""What a search space is: named dimensions of choices and a pure function from a choice to a config."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class Inputs:
 
 
 class Space:
-    """A search space: ``dimensions(inputs)`` lists categorical choices, ``build`` maps a choice to a config.
+    """A search space: ``dimensions(inputs)`` lists the choices, ``build`` maps a choice to a config.
 
     Subclasses set ``name`` and ``description`` and implement ``dimensions`` and ``build``. Every
     combination of choices must build a valid config, so that a sampled candidate has one encoding
@@ -37,19 +37,39 @@ class Space:
     def build(self, params: dict[str, Any], inputs: Inputs) -> ModelConfig:
         raise NotImplementedError
 
-    def unused(self, params: dict[str, Any]) -> set[str]:
+    def unused(self, params: dict[str, Any], inputs: Inputs) -> set[str]:
         """Dimensions that have no effect given the choices made so far (in ``dimensions`` order)."""
         return set()
+
+    def asked(self, params: dict[str, Any], inputs: Inputs) -> dict[str, Any]:
+        """The part of a full choice ``params`` that ``suggest`` asks for: the dimensions with an effect."""
+        so_far, asked = {}, {}
+        for name, choices in self.dimensions(inputs).items():
+            if name in self.unused(so_far, inputs):
+                so_far[name] = choices[0]
+            else:
+                so_far[name] = asked[name] = params[name]
+        return asked
 
     def suggest(self, trial: Any, inputs: Inputs) -> ModelConfig:
         """Optuna define-by-run: ask for every dimension that has an effect, then build the config. A
         dimension without effect is not asked (its first choice stands in), so the sampler does not
-        spread its model over parameters that change nothing."""
+        spread its model over parameters that change nothing. Evenly spaced numbers are asked as Optuna
+        ints or stepped floats, so that the sampler models their order (``ask``)."""
         params: dict[str, Any] = {}
         for name, choices in self.dimensions(inputs).items():
-            params[name] = choices[0] if name in self.unused(params) else trial.suggest_categorical(name,
-                                                                                                     list(choices))
+            params[name] = choices[0] if name in self.unused(params, inputs) else ask(trial, name, choices)
         return self.build(params, inputs)
+
+    def distributions(self, inputs: Inputs) -> dict[str, Any]:
+        """The Optuna distribution each dimension is asked with, by name (for checking a stored study)."""
+        import optuna
+
+        dims = self.dimensions(inputs)
+        trial = optuna.trial.FixedTrial({name: choices[0] for name, choices in dims.items()})
+        for name, choices in dims.items():
+            ask(trial, name, choices)
+        return dict(trial.distributions)
 
     def size(self, inputs: Inputs) -> int:
         return math.prod(len(v) for v in self.dimensions(inputs).values())
@@ -102,6 +122,21 @@ class Space:
             if fits:
                 return fits[-1]
         return None
+
+
+def ask(trial: Any, name: str, choices: tuple[Any, ...]) -> Any:
+    """One dimension from an Optuna trial. Evenly spaced numbers are an int or a stepped float (the sampler then
+    models their neighbourhoods; a float is snapped to its choice, against rounding); anything else, unevenly
+    spaced numbers included, is categorical: an Optuna distribution cannot list arbitrary values in order."""
+    numbers = len(choices) > 1 and all(isinstance(c, int | float) and not isinstance(c, bool) for c in choices)
+    steps = {round(b - a, 9) for a, b in itertools.pairwise(choices)} if numbers else set()
+    if len(steps) != 1 or min(steps) <= 0:
+        return trial.suggest_categorical(name, list(choices))
+    step = steps.pop()
+    if all(isinstance(c, int) for c in choices):
+        return trial.suggest_int(name, choices[0], choices[-1], step=int(step))
+    value = trial.suggest_float(name, choices[0], choices[-1], step=step)
+    return min(choices, key=lambda c: abs(c - value))
 
 
 def uniform_patch(img_size: int) -> int:

@@ -39,7 +39,7 @@ class HVTSpace(Space):
         return {"embed_dim": (64, 96, 128, 192, 256, 384), "num_heads": (2, 4, 8), "depth": (4, 6, 8, 10, 12),
                 "pool_stages": (0, 1, 2, 3, 4), "pool_start": (0, 1, 2), "head": ("avg", "class_token")}
 
-    def unused(self, params: dict[str, Any]) -> set[str]:
+    def unused(self, params: dict[str, Any], inputs: Inputs) -> set[str]:
         return {"pool_start"} if params.get("pool_stages") == 0 else set()
 
     def build(self, params: dict[str, Any], inputs: Inputs) -> ScheduleViTConfig:

@@ -70,6 +70,12 @@ class LayersSpace(Space):
                 trial.suggest_float(name, *choices)
         return self.build(params, inputs)
 
+    def distributions(self, inputs: Inputs) -> dict[str, Any]:
+        import optuna
+
+        return {name: optuna.distributions.CategoricalDistribution(list(choices)) if name.startswith("share") else
+                optuna.distributions.FloatDistribution(*choices) for name, choices in self.dimensions(inputs).items()}
+
     def build(self, params: dict[str, Any], inputs: Inputs) -> ScheduleViTConfig:
         depth = self.trunk["depth"]
         prune = tuple(float(params.get(f"prune{b}", 0.0)) for b in range(depth))

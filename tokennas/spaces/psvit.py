@@ -49,8 +49,12 @@ class PSViTSpace(Space):
                 "pool_schedule": tuple(POOL_SCHEDULES), "pool_kind": ("max2d", "avg2d", "conv2d"),
                 "attn_sharing": SHARING}
 
-    def unused(self, params: dict[str, Any]) -> set[str]:
-        return {"pool_kind"} if params.get("pool_schedule") == "none" else set()
+    def unused(self, params: dict[str, Any], inputs: Inputs) -> set[str]:
+        unused = {"pool_kind"} if params.get("pool_schedule") == "none" else set()
+        if "pool_schedule" in params:  # stages of one block each (depth 4, three stages): nothing can share
+            pool_after = pool_positions(params["depth"], POOL_SCHEDULES[params["pool_schedule"]])
+            unused |= set() if shared_blocks(params["depth"], pool_after, "per-stage") else {"attn_sharing"}
+        return unused
 
     def build(self, params: dict[str, Any], inputs: Inputs) -> ScheduleViTConfig:
         depth = params["depth"]
@@ -58,7 +62,7 @@ class PSViTSpace(Space):
         return ScheduleViTConfig(
             img_size=inputs.img_size, in_chans=inputs.in_chans, num_classes=inputs.num_classes,
             patch_size=uniform_patch(inputs.img_size), embed_dim=params["embed_dim"], num_heads=params["num_heads"],
-            depth=depth, pool_kind=params["pool_kind"], pool_after=pool_after,
+            depth=depth, pool_kind=params["pool_kind"] if pool_after else "max2d", pool_after=pool_after,
             share_attn=shared_blocks(depth, pool_after, params["attn_sharing"]),
         )
 

@@ -46,15 +46,25 @@ class QuadtreeSpace(Space):
 
     def dimensions(self, inputs: Inputs) -> dict[str, tuple[Any, ...]]:
         n = inputs.img_size
-        return {
-            "budget": BUDGETS,
+        return {  # the patch sizes first: they decide which token budgets a mosaic reaches
             "min_patch_size": tuple(p for p in range(1, n + 1) if n % p == 0 and 4 <= n // p <= 16),
             "max_patch_size": tuple(sorted({n // 4, n // 2, n} - {0})),
+            "budget": BUDGETS,
             "scorer": ("pixel-blur", "random", "feature") if self.scorer_checkpoint else ("pixel-blur", "random"),
             "embed_dim": (32, 64, 96, 128, 192),
             "depth": (2, 4, 6, 8, 12),
             "num_heads": (1, 2, 4),
         }
+
+    def unused(self, params: dict[str, Any], inputs: Inputs) -> set[str]:
+        """The budget where every target snaps to one reachable budget (min patches tiling the image in at most
+        16 tokens: every target asks for their full grid)."""
+        if "max_patch_size" not in params or "budget" in params:
+            return set()
+        min_patch = params["min_patch_size"]
+        max_patch = snap_max_patch(params["max_patch_size"], inputs.img_size, min_patch)
+        return {"budget"} if len({snap_budget(t, inputs.img_size, min_patch, max_patch) for t in BUDGETS}) == 1 \
+            else set()
 
     def build(self, params: dict[str, Any], inputs: Inputs) -> QuadformerConfig:
         min_patch = params["min_patch_size"]

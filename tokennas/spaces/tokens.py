@@ -1,20 +1,23 @@
 """Token-schedule space: a monotone per-block token schedule, its mechanism and attention sharing.
 
 A monotone per-block token schedule, the reduction mechanism (pool, merge or prune) and attention sharing,
-on a fixed or searched trunk, parametrised so that most proposals land inside the budget. The schedule is
-not sampled token by token: a proposal names a ``shape`` (how removal is spread over the blocks), a
-``start`` (the first block allowed to reduce) and a ``cost`` (the fraction of the budget to aim at), and
-``build`` solves for the mildest schedule of that shape whose MACs are within ``cost * budget``. Merging is
+on a fixed or searched trunk. The schedule is not enumerated token by token: a ``shape`` (how removal is spread
+over the blocks), a ``start`` (the first block allowed to reduce) and a ``cost`` (the fraction of the budget to
+aim at) give the mildest schedule of that shape whose MACs are within ``cost * budget`` (``schedule``). Many
+such choices build one config (once a trunk fits unreduced, the rest changes nothing), so the sampler is asked one
+integer instead: the position of a candidate among the distinct configs they build, by MACs. Merging is
 ToMe's bipartite soft matching (Bolya et al. 2023), pruning EViT's top-k with a fused token (Liang et al.
 2022), pooling PSViT's 2D max pooling of the token grid (Chen et al. 2021).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 from typing import Any
 
+from ..config import config_key
 from ..models.layers import block_flops, ln_flops, pooled_length, reduction_flops
 from ..models.schedule_vit import ScheduleViTConfig
 from . import register_space
@@ -39,8 +42,8 @@ class TokensSpace(Space):
 
     name = "tokens"
     description = ("A monotone per-block token schedule, the reduction mechanism (pool, merge or prune) and "
-                   "attention sharing, on a fixed or searched trunk, parametrised so that most proposals land "
-                   "inside the budget.")
+                   "attention sharing, on a fixed or searched trunk; a candidate is one of the distinct schedules, "
+                   "solved from a fraction of the budget and a shape, within the budget, in order of MACs.")
 
     def __init__(self, *, budget: int | None = None, trunk: dict | None = None) -> None:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
@@ -52,7 +55,10 @@ class TokensSpace(Space):
         self.budget = budget
         self.trunk = trunk
 
-    def dimensions(self, inputs: Inputs) -> dict[str, tuple[Any, ...]]:
+    def schedule_dimensions(self, inputs: Inputs) -> dict[str, tuple[Any, ...]]:
+        """What a schedule is solved from: the trunk, the mechanism, the cost fraction, the shape, the start and the
+        sharing. Many of these choices build one config (a trunk that fits unreduced ignores the rest), so the
+        sampler is not asked them (``dimensions``)."""
         trunk = {name: (self.trunk[name],) if name in self.trunk else choices
                  for name, choices in SEARCHED_TRUNK.items()}
         # A fixed width or head count leaves only the choices of the other that divide into a valid trunk.
@@ -61,7 +67,8 @@ class TokensSpace(Space):
         return {**trunk, "mechanism": MECHANISMS, "cost": COSTS, "shape": tuple(SHAPES), "start": STARTS,
                 "attn_sharing": SHARING}
 
-    def build(self, params: dict[str, Any], inputs: Inputs) -> ScheduleViTConfig:
+    def schedule(self, params: dict[str, Any], inputs: Inputs) -> ScheduleViTConfig:
+        """The config solved from one choice of every ``schedule_dimensions``."""
         trunk = self._trunk(params, inputs)
         keep, pool_after, share_attn = _solve(trunk, params["mechanism"], params["cost"], params["shape"],
                                               params["start"], params["attn_sharing"], self.budget)
@@ -69,11 +76,46 @@ class TokensSpace(Space):
                                  keep_tokens=keep, reduce_kind=params["mechanism"] if keep else "merge",
                                  share_attn=share_attn)
 
+    def candidates(self, inputs: Inputs) -> tuple[ScheduleViTConfig, ...]:
+        """The distinct configs the schedules build, by MACs (then by config): those within the budget when one is
+        set and any fits, else all."""
+        return _candidates(self, inputs)
+
+    def dimensions(self, inputs: Inputs) -> dict[str, tuple[Any, ...]]:
+        """One ordered integer: the position of a candidate among ``candidates``, so that every value is one
+        config (conditional parameters cannot get there: whether a trunk fits unreduced depends on the budget)."""
+        return {"candidate": tuple(range(len(self.candidates(inputs))))}
+
+    def build(self, params: dict[str, Any], inputs: Inputs) -> ScheduleViTConfig:
+        configs = self.candidates(inputs)
+        index = params.get("candidate")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(configs):
+            raise ValueError(f"`candidate` must be an integer from 0 to {len(configs) - 1}, got {index!r}")
+        return configs[index]
+
     def _trunk(self, params: dict[str, Any], inputs: Inputs) -> tuple[tuple[str, Any], ...]:
         fixed = {"mlp_ratio": 4.0, "patch_size": uniform_patch(inputs.img_size), "class_token": True,
                  **{k: v for k, v in self.trunk.items() if k not in SEARCHED_TRUNK}}
         return (("img_size", inputs.img_size), ("in_chans", inputs.in_chans), ("num_classes", inputs.num_classes),
                 *((k, params[k]) for k in SEARCHED_TRUNK), *sorted(fixed.items()))
+
+
+def _candidates(space: TokensSpace, inputs: Inputs) -> tuple[ScheduleViTConfig, ...]:
+    return _candidates_of(space.budget, tuple(sorted(space.trunk.items())), inputs)
+
+
+@lru_cache(maxsize=32)
+def _candidates_of(budget: int | None, trunk: tuple[tuple[str, Any], ...], inputs: Inputs
+                   ) -> tuple[ScheduleViTConfig, ...]:
+    space = TokensSpace(budget=budget, trunk=dict(trunk))
+    dims = space.schedule_dimensions(inputs)
+    found = {}
+    for values in itertools.product(*dims.values()):
+        config = space.schedule(dict(zip(dims, values, strict=True)), inputs)
+        found.setdefault(config_key(config), config)
+    ranked = sorted((sum(c.flops_by_module().values()), key, c) for key, c in found.items())
+    within = [c for macs, _, c in ranked if budget is None or macs <= budget]
+    return tuple(within or (c for _, _, c in ranked))
 
 
 @lru_cache(maxsize=4096)

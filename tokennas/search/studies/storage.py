@@ -222,6 +222,19 @@ def check_compatible(study: optuna.Study, settings: dict[str, Any], resume: bool
                              f"not {mine[key]}; use the same options or another --study-name")
 
 
+def check_encoding(study: optuna.Study, distributions: dict[str, Any], space: str) -> None:
+    """A study written by another encoding of the space (a parameter it no longer asks, or asks with another kind of
+    distribution) cannot be continued: Optuna refuses a new kind for a stored name, and a retried candidate would not
+    be the one that was interrupted. Raises one line naming the parameter."""
+    for trial in study.get_trials(deepcopy=False):
+        for name, stored in trial.distributions.items():
+            now = distributions.get(name)
+            if now is None or type(now) is not type(stored) or (now != stored and not hasattr(now, "low")):
+                raise ValueError(f"study {study.study_name!r} holds {space} proposals in another encoding (parameter "
+                                 f"{name!r}: {stored}, now {now}); this version cannot continue it: start a new run "
+                                 "(--out) or use another --study-name")
+
+
 def recover_lost_trials(study: optuna.Study, resume: bool, enqueue: bool = True) -> None:
     """Trials left RUNNING by a driver that died, and trials cut off by ``--time-budget``.
 
