@@ -47,3 +47,25 @@ def test_unstarted_trials_count_the_stages_own_epochs(monkeypatch):
     now[0] = 10.0
     table.on_trial_result(0, [], trial, {"epoch": 1, "val_acc": 0.5})
     assert table.eta_text() == f", ETA {format_duration((5 + 6) * 10.0)}"  # 5 left to the running run, 6 to the next
+
+
+def test_before_the_first_epoch_the_eta_comes_from_the_macs_at_the_measured_speed():
+    from tokennas.models.schedule_vit import ScheduleViTConfig
+    from tokennas.search.tune.progress import eta_from_macs
+    from tokennas.speed import training_macs_per_second
+
+    rows = [{"state": "RUNNING", "planned": 3, "epoch": 0, "flops": 10}, {"state": "PENDING", "planned": 3,
+                                                                          "flops": 30}]
+    # 3 epochs of 10 and 3 of 30 MACs, and 2 trials not started at 3 epochs of the mean, 20: 240 MACs
+    assert eta_from_macs(rows, 4, 3, epoch_work=0.5) == 120.0
+    config = ScheduleViTConfig(img_size=16, in_chans=1, num_classes=10, patch_size=4, embed_dim=32, depth=2,
+                               num_heads=2)
+    rate = training_macs_per_second(config, batch=2)
+    assert 1e5 < rate < 1e14  # MACs per second of a real forward and backward, on any machine
+    table = LiveTable(None, SimpleNamespace(space="psvit", flops="4G", epochs=3), remaining=4, enabled=False,
+                      epoch_work=0.5)
+    assert table.eta_text() == ""  # no trial yet: nothing to go by
+    table.rows = {"a": rows[0], "b": rows[1]}
+    assert table.eta_text() == ", ETA ~2m (from MACs, until an epoch is timed)"
+    table.epoch_seconds = [10.0]  # a timed epoch replaces the estimate
+    assert "~" not in table.eta_text()

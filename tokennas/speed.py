@@ -92,3 +92,21 @@ def throughput_against(reference: torch.nn.Module, models: dict[str, torch.nn.Mo
                          "images_per_s": timings.rate(name, batch),
                          "reference_images_per_s": timings.rate(base, batch), "rounds": n})
     return rows
+
+
+def training_macs_per_second(config, batch: int = 4, steps: int = 2) -> float:
+    """This machine's training speed for models like ``config``, in forward MACs per second: ``steps`` forward and
+    backward passes of ``config`` at ``batch`` images, timed after one warm-up (a training step costs about three
+    forwards; the count returned is of forward MACs, so that an epoch takes ``(3 * train + val) * MACs / rate``). The
+    live table's yardstick for its ETA until a search's first epoch is timed."""
+    from .config import build_model
+
+    model = build_model(config).train()
+    images = torch.randn(batch, config.in_chans, config.img_size, config.img_size)
+    labels = torch.zeros(batch, dtype=torch.long)
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+
+    timings = interleaved({"train": step}, steps, warmup=1)
+    return 3 * batch * sum(config.flops_by_module().values()) / statistics.median(timings.seconds["train"])

@@ -18,8 +18,10 @@ class LiveTable(Callback):
     """Each trial's state, FLOPs, epoch and validation accuracy, refreshed as results arrive."""
 
     def __init__(self, searcher: Any, settings: Any, remaining: int, stage: str = "search",
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, epoch_work: float | None = None) -> None:
         self.searcher, self.settings, self.remaining, self.stage = searcher, settings, remaining, stage
+        # before the first epoch is timed: seconds per MAC of a model, per epoch (``epoch_work``); None: no estimate
+        self.epoch_work = epoch_work
         self.rows: dict[str, dict[str, Any]] = {}
         self.epoch_seconds: list[float] = []  # every epoch timed so far in this stage, for the ETA
         self.started = time.monotonic()
@@ -59,6 +61,9 @@ class LiveTable(Callback):
         # a trial not started yet runs the stage's epochs (the searcher's: --retrain-epochs when re-ranking)
         epochs = getattr(self.searcher, "max_epochs", None) or self.settings.epochs
         seconds = eta_seconds(self.rows.values(), self.remaining, epochs, self.epoch_seconds)
+        if seconds is None and self.epoch_work and self.rows:
+            seconds = eta_from_macs(self.rows.values(), self.remaining, epochs, self.epoch_work)
+            return f", ETA ~{format_duration(seconds)} (from MACs, until an epoch is timed)"
         return "" if seconds is None else f", ETA {format_duration(seconds)}"
 
     def _update(self, trial: Any, **changes: Any) -> None:
@@ -108,6 +113,18 @@ def eta_seconds(rows: Any, remaining: int, epochs: int, epoch_seconds: list[floa
     left += max(0, remaining - len(rows)) * epochs
     side_by_side = max(1, sum(r["state"] == "RUNNING" for r in rows))
     return left * statistics.median(epoch_seconds) / side_by_side
+
+
+def eta_from_macs(rows: Any, remaining: int, epochs: int, epoch_work: float) -> float:
+    """Seconds the stage still needs before any epoch is timed: the epochs left to every trial (as ``eta_seconds``),
+    each costing its MACs times ``epoch_work`` (seconds per MAC of an epoch on this machine, from
+    ``speed.training_macs_per_second``); trials not started yet cost the mean MACs of those that have. The trials
+    side by side share the machine the rate was measured on, so they are not divided."""
+    rows = list(rows)
+    open_rows = [r for r in rows if r["state"] in ("PENDING", "RUNNING")]
+    macs = sum(max(0.0, r.get("planned", epochs) - float(r.get("epoch") or 0)) * r["flops"] for r in open_rows)
+    macs += max(0, remaining - len(rows)) * epochs * statistics.fmean(r["flops"] for r in rows)
+    return macs * epoch_work
 
 
 def format_duration(seconds: float) -> str:
