@@ -20,7 +20,7 @@ from tokennas.spaces.layers import LayersSpace
 TRUNK = {"img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 4, "embed_dim": 32, "depth": 4,
          "num_heads": 1}  # 16 patch tokens
 STOP_AT = 6  # the step after which the first session is stopped
-STEPS = 40
+STEPS = 30
 
 
 def parent_macs() -> int:
@@ -75,7 +75,7 @@ def resumed_run(tiny_parent, tmp_path_factory):
         patch.setattr(stages.StageContext, "time_left", lambda self: len(steps) < STOP_AT)
         code = main_code(["search", "--space", "layers", "--strategy", "differentiable", "--parent", str(tiny_parent),
                           "--flops", "50%", "--diff-steps", str(STEPS), "--diff-lr", "0.1", "--batch-size", "32",
-                          "--train-subset", "600", "--trials", "3", "--score-images", "200", "--top", "2", "--seed",
+                          "--train-subset", "600", "--trials", "3", "--score-images", "100", "--top", "1", "--seed",
                           "0", "--quiet", "--out", str(run_dir)])
     assert code == 1 and len(steps) == STOP_AT  # the search stage is incomplete: the learning was stopped
     first = pd.read_csv(run_dir / "rates.csv")
@@ -113,7 +113,7 @@ def test_the_learned_schedules_are_scored_within_the_budget(resumed_run, tiny_pa
     assert "Learned rates over training" in (run_dir / "report.html").read_text()
     assert "strategy: differentiable" in (run_dir / "summary.md").read_text()
     capsys.readouterr()
-    assert main_code(["evaluate", str(best[0]), "--parent", str(tiny_parent), "--split", "val", "--images", "200",
+    assert main_code(["evaluate", str(best[0]), "--parent", str(tiny_parent), "--split", "val", "--images", "100",
                       "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["flops"] == count_flops(load_config(best[0])) and 0 <= result["acc"] <= 1
