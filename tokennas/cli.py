@@ -163,17 +163,26 @@ def search(
     strategy: str | None = typer.Option(None, help="standalone: every candidate is trained (Ray Tune); oneshot: "
                                         "candidates are scored on a supernet's shared weights, then the top K are "
                                         "trained (psvit, hvt and tokens spaces); frozen: schedules scored on the "
-                                        "--parent's own weights (layers space) [default: frozen for layers, else "
+                                        "--parent's own weights (layers space); differentiable: per-block prune "
+                                        "and merge rates learned by gradient on the --parent's frozen weights "
+                                        "(DiffRate-style, layers space) [default: frozen for layers, else "
                                         "standalone]."),
-    parent: str | None = typer.Option(None, help="oneshot, frozen: a trained ViT, a shipped parent's name (e.g. "
-                                      "fmnist-vit, see `tokennas presets`), a `tokennas train` checkpoint.pt or a "
-                                      "timm ViT/DeiT state dict [oneshot default: train a supernet in the run]."),
+    parent: str | None = typer.Option(None, help="oneshot, frozen, differentiable: a trained ViT, a shipped "
+                                      "parent's name (e.g. fmnist-vit, see `tokennas presets`), a `tokennas train` "
+                                      "checkpoint.pt or a timm ViT/DeiT state dict [oneshot default: train a "
+                                      "supernet in the run]."),
     supernet_epochs: int | None = typer.Option(None, help="oneshot: epochs of supernet training [default: 6; 0 with "
                                                "a --parent whose classifier fits the data]."),
     finetune_epochs: int = typer.Option(0, help="oneshot: re-rank by fine-tuning the top K from their inherited "
                                         "weights for this many epochs (0: train from scratch, --retrain-epochs); "
-                                        "frozen: fine-tune the top K from the parent's weights (0: no re-ranking)."),
-    score_images: int = typer.Option(2000, help="oneshot, frozen: validation images each candidate is scored on."),
+                                        "frozen, differentiable: fine-tune the top K from the parent's weights (0: no "
+                                        "re-ranking)."),
+    score_images: int = typer.Option(2000, help="oneshot, frozen, differentiable: validation images each candidate "
+                                     "is scored on."),
+    diff_steps: int = typer.Option(200, help="differentiable: optimisation steps of the per-block rates, each on a "
+                                   "batch of --batch-size training images."),
+    diff_lr: float = typer.Option(0.05, help="differentiable: Adam's learning rate on the rates' logits, "
+                                  "cosine-annealed to 0."),
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, the best are re-ranked on more
     seeds against the uniform baseline, reports come out."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from ..search.settings import load_settings
 from ..search.strategies import get_strategy
 from ..search.studies import study as S
@@ -15,7 +17,7 @@ from ..search.studies.storage import open_run_study
 from ..train import write_atomic
 from .export import export_best
 from .page import write_html
-from .plots import plot_pareto, write_mosaic
+from .plots import plot_pareto, rates_figure, write_mosaic
 from .summary import schedule_lines, summary_markdown
 from .tables import final_ranking, retrain_table, trial_table
 from .write import write_text
@@ -40,9 +42,12 @@ def write_reports(run_dir: Path) -> None:
     summary = summary_markdown(settings, frame, ranking, best, baseline, strategy.describe(settings, run_dir),
                                strategy.evaluated, epochs, study.user_attrs.get("stages", {}),
                                _schedules(study, frame, baseline, strategy.evaluated))
+    rates = run_dir / "rates.csv"  # the differentiable strategy's learning
+    extra = [("Learned rates over training (rates.csv)", rates_figure(pd.read_csv(rates), settings.budget))] \
+        if rates.is_file() else []
     write_html(study, frame, settings.objective, settings.budget,
                f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html", mosaic,
-               ranking, summary)
+               ranking, summary, extra)
     write_text(run_dir / "summary.md", summary)
 
 

@@ -191,6 +191,25 @@ def figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: in
     return figures
 
 
+def rates_figure(rates: pd.DataFrame, budget: int) -> PlotlyFigure:
+    """The differentiable strategy's learning (``rates.csv``): the expected patch tokens leaving each block, and the
+    expected MACs against the budget, by step."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06)
+    for block, part in rates.groupby("block"):
+        figure.add_scatter(x=part["step"], y=part["tokens_in"] - part["pruned"] - part["merged"], mode="lines",
+                           name=f"block {block}", row=1, col=1)
+    macs = rates.drop_duplicates("step")
+    figure.add_scatter(x=macs["step"], y=macs["macs"], mode="lines", name="expected MACs", line_color="black",
+                       row=2, col=1)
+    figure.add_hline(y=budget, line_dash="dash", annotation_text=f"budget {format_flops(budget)}", row=2, col=1)
+    figure.update_yaxes(title_text="expected patch tokens out", row=1, col=1)
+    figure.update_yaxes(title_text="expected MACs", row=2, col=1)
+    figure.update_xaxes(title_text="step", row=2, col=1)
+    return figure
+
+
 def write_mosaic(settings, study: optuna.Study, frame: pd.DataFrame, path: Path) -> bool:
     """For a quadtree search: the best config's mosaic over a few validation images. False if not applicable."""
     best = ranked(frame, settings.objective).head(1)

@@ -61,6 +61,8 @@ class SearchSettings:
     supernet_epochs: int | None = None  # oneshot: None = 6 (0 with a parent whose classifier fits the data)
     finetune_epochs: int = 0  # oneshot: re-ranking fine-tunes from the supernet for this many epochs (0: scratch)
     score_images: int = 2000  # oneshot: validation images each candidate is scored on (the first N of the split)
+    diff_steps: int = 200  # differentiable: optimisation steps of the per-block rates
+    diff_lr: float = 0.05  # differentiable: Adam's learning rate on the rates' logits
 
     # what `--resume RUN` may change; everything else is fixed by search.yaml
     RESUMABLE = ("trials", "time_budget", "max_failures", "retrain_top", "retrain_epochs", "retrain_seeds", "top",

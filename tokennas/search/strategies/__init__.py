@@ -47,11 +47,12 @@ class Strategy(Protocol):
         """Summary lines: how candidates were evaluated and how re-ranking runs start."""
 
 
-from .frozen import Frozen  # noqa: E402  (the registry: one line per strategy)
+from .differentiable import Differentiable  # noqa: E402  (the registry: one line per strategy)
+from .frozen import Frozen  # noqa: E402
 from .oneshot import OneShot  # noqa: E402
 from .standalone import Standalone  # noqa: E402
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Standalone(), OneShot(), Frozen())}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (Standalone(), OneShot(), Frozen(), Differentiable())}
 
 
 def get_strategy(name: str) -> Strategy:

@@ -50,11 +50,11 @@ class Frozen:
 
     def check(self, settings: SearchSettings, prepared: Prepared) -> None:
         """The parent loads, its classifier fits the data, and it runs the space's schedules and the reference."""
-        drop_baseline_unless_held(_parent_net(settings, prepared), prepared, "the parent cannot run it")
+        drop_baseline_unless_held(parent_net(settings, prepared), prepared, "the parent cannot run it")
 
     def search_stage(self, ctx: StageContext) -> None:
         if not supernet_path(ctx.run_dir).is_file():
-            _parent_net(ctx.settings, ctx.prepared).save(supernet_path(ctx.run_dir), parent=ctx.settings.parent,
+            parent_net(ctx.settings, ctx.prepared).save(supernet_path(ctx.run_dir), parent=ctx.settings.parent,
                                                           epochs=0)
         enqueue_starts(ctx)
         if ctx.time_left():
@@ -89,7 +89,8 @@ class Frozen:
         return lines
 
 
-def _parent_net(settings: SearchSettings, prepared: Prepared) -> Supernet:
+def parent_net(settings: SearchSettings, prepared: Prepared) -> Supernet:
+    """``--parent`` as a supernet of one trunk, its classifier fitting the data (else a ``ValueError``)."""
     inputs = prepared.inputs
     parent = parent_weights(settings, prepared)
     if not parent.head_kept:

@@ -1,0 +1,137 @@
+"""The differentiable strategy (DiffRate-style rates learned on a frozen parent): the closed-form expected MACs, a
+search stopped mid-learning and resumed from its checkpoint, its schedules within the budget, and bad input."""
+
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from tokennas import count_flops
+from tokennas.cli import main
+from tokennas.config import load_config
+from tokennas.models.schedule_vit import ScheduleViTConfig
+from tokennas.search import stages
+from tokennas.search.strategies import differentiable
+from tokennas.spaces import Inputs
+from tokennas.spaces.layers import LayersSpace
+
+TRUNK = {"img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 4, "embed_dim": 32, "depth": 4,
+         "num_heads": 1}  # 16 patch tokens
+STOP_AT = 6  # the step after which the first session is stopped
+STEPS = 30
+
+
+def parent_macs() -> int:
+    return count_flops(ScheduleViTConfig(**TRUNK))
+
+
+def main_code(argv) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    return exit_.value.code
+
+
+def test_expected_macs_equal_the_closed_form_at_whole_counts():
+    space = LayersSpace(trunk=TRUNK, budget=None)
+    rng = random.Random(0)
+    for _ in range(20):
+        config = space.build({f"{k}{b}": rng.random() * 0.6 for k in ("prune", "merge") for b in range(4)},
+                             Inputs(16, 1, 10))
+        n, counts = 16, []
+        for b in range(4):
+            keep = config.keep_tokens[b] if config.keep_tokens else n
+            pruned = config.prune_tokens[b] if config.prune_tokens else n
+            counts.append([torch.tensor(float(c)) for c in (n, pruned, keep)])
+            n = keep
+        assert differentiable.expected_macs(config, *zip(*counts, strict=True)).item() == count_flops(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_parent(tmp_path_factory):
+    """A 4-block ViT at 16px (16 patch tokens) trained for one epoch on 600 images: seconds."""
+    folder = tmp_path_factory.mktemp("parent")
+    (folder / "vit.yaml").write_text("family: schedule_vit\n" + "".join(f"{k}: {v}\n" for k, v in TRUNK.items()))
+    assert main_code(["train", str(folder / "vit.yaml"), "--epochs", "1", "--train-subset", "600", "--out",
+                      str(folder / "run")]) == 0
+    return folder / "run" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_parent, tmp_path_factory):
+    """A differentiable search stopped after STOP_AT steps of learning (exit 1, the checkpoint kept), then resumed."""
+    run_dir = tmp_path_factory.mktemp("diff") / "run"
+    steps = []
+    with pytest.MonkeyPatch.context() as patch:
+        forward = differentiable.soft_forward
+
+        def counted(*args):
+            steps.append(1)
+            return forward(*args)
+
+        patch.setattr(differentiable, "soft_forward", counted)
+        patch.setattr(differentiable, "CHECKPOINT_EVERY", 4)
+        patch.setattr(stages.StageContext, "time_left", lambda self: len(steps) < STOP_AT)
+        code = main_code(["search", "--space", "layers", "--strategy", "differentiable", "--parent", str(tiny_parent),
+                          "--flops", "50%", "--diff-steps", str(STEPS), "--diff-lr", "0.1", "--batch-size", "32",
+                          "--train-subset", "600", "--trials", "3", "--score-images", "100", "--top", "1", "--seed",
+                          "0", "--quiet", "--out", str(run_dir)])
+    assert code == 1 and len(steps) == STOP_AT  # the search stage is incomplete: the learning was stopped
+    first = pd.read_csv(run_dir / "rates.csv")
+    assert first["step"].max() == STOP_AT and torch.load(run_dir / "differentiable.pt")["step"] == STOP_AT
+    assert main_code(["search", "--resume", str(run_dir), "--quiet"]) == 0
+    return run_dir, first
+
+
+def test_resume_goes_on_from_the_checkpoint(resumed_run):
+    run_dir, first = resumed_run
+    rates = pd.read_csv(run_dir / "rates.csv")
+    assert rates["step"].drop_duplicates().tolist() == list(range(1, STEPS + 1))  # each step once, none again
+    pd.testing.assert_frame_equal(rates[rates["step"] <= STOP_AT].reset_index(drop=True), first)
+    state = torch.load(run_dir / "differentiable.pt")
+    assert state["step"] == STEPS and state["sessions"] == [0, STOP_AT]
+    assert f"resumed from the checkpoint at step {STOP_AT}" in (run_dir / "summary.md").read_text()
+
+
+def test_the_penalty_pulls_the_expected_macs_to_the_budget(resumed_run):
+    rates = pd.read_csv(resumed_run[0] / "rates.csv").drop_duplicates("step")
+    budget = parent_macs() // 2
+    assert rates["macs"].iloc[0] > 1.2 * budget  # it starts near the parent
+    assert abs(rates["macs"].iloc[-5:].mean() / budget - 1) < 0.1
+
+
+def test_the_learned_schedules_are_scored_within_the_budget(resumed_run, tiny_parent, capsys):
+    run_dir = resumed_run[0]
+    budget = parent_macs() // 2
+    frame = pd.read_csv(run_dir / "trials.csv")
+    scored = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    assert len(scored) == 3 and (scored["flops"] <= budget).all()
+    assert frame[frame["role"] == "baseline"]["state"].tolist() == ["COMPLETE"]  # ToMe's constant r
+    best = sorted((run_dir / "best").glob("*.yaml"))
+    assert best and all(count_flops(load_config(p)) <= budget for p in best)
+    assert "Learned rates over training" in (run_dir / "report.html").read_text()
+    assert "strategy: differentiable" in (run_dir / "summary.md").read_text()
+    capsys.readouterr()
+    assert main_code(["evaluate", str(best[0]), "--parent", str(tiny_parent), "--split", "val", "--images", "100",
+                      "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["flops"] == count_flops(load_config(best[0])) and 0 <= result["acc"] <= 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--space", "psvit", "--flops", "1M"], "invalid --space 'psvit' for --strategy differentiable"),
+    (["--space", "layers", "--flops", "10M"], "needs --parent"),
+    (["--space", "layers", "--parent", "fmnist-vit", "--flops", "50%", "--diff-steps", "0"], "invalid --diff-steps 0"),
+])
+def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    assert main_code(["search", "--strategy", "differentiable", *argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_its_options_need_the_strategy(tmp_path, capsys):
+    assert main_code(["search", "--space", "layers", "--parent", "fmnist-vit", "--flops", "50%", "--diff-steps", "9",
+                      "--out", str(tmp_path / "run")]) == 2
+    assert "--diff-steps needs --strategy differentiable" in capsys.readouterr().err
