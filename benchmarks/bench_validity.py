@@ -2,17 +2,25 @@
 
     python benchmarks/bench_validity.py [--table benchmarks/ground_truth_psvit30M.csv --replays 200 --budget 20]
     python benchmarks/bench_validity.py --first-seed 200 --plot /tmp/replay.png   # other seeds: does it hold?
+    python benchmarks/bench_validity.py --replays 20 --methods tpe+asha --variants  # a quick look
 
 1. Rank fidelity: Kendall tau between the accuracy at the search's fidelity (``lo``) and at 4x the
    epochs (``hi``), over the table's candidates; and between the ``hi`` runs of two seeds, the table's noise.
 2. Early stopping: how often ASHA's decision at a rung (top third goes on) agrees with the final
    ranking (top third at the last epoch), for each possible first rung, from the per-epoch curves.
-3. Search efficiency: random search, TPE, TPE with ASHA (simulated from the curves) and NSGA-II replayed
-   ``--replays`` times each against the table (its sub-grid is the whole search space: every proposal
-   has a value, over-budget points are told as infeasible, a stalled sampler gets an untried candidate as in
-   the search; ``tpe-told`` tells repeats their original's value instead of FAIL). Best-so-far against
-   cumulative epochs: median and interquartile range, the compute each method needs to reach random search's
-   median final best, and the share of paired replays (same seed) each method wins against random search.
+3. Search efficiency: each replay is one search run by the search's own ``BudgetSearcher`` (its sampler from
+   ``study.make_sampler``, the feasible start-up, the budget check, repeats told their original's outcome through
+   the ``StudyIndex``, an untried candidate after ``Standalone.stall`` misses) over an in-memory study and the psvit
+   space narrowed to the table's sub-grid (``TableSpace``: psvit's own ``build`` and ``unused``, so every feasible
+   config it builds is a row of the table). The replay plays Ray's part, one trial at a time: a suggested config
+   "trains" by reporting its 8-epoch curve from the table, one epoch per result, to the scheduler and the searcher
+   in Ray's order. Early stopping is Ray's ASHA as ``schedulers.make_scheduler`` builds it (``tpe+asha``, the
+   search's default), or Optuna's ``HyperbandPruner`` / ``SuccessiveHalvingPruner`` on the study (``tpe+hyperband``,
+   ``tpe+sha``: BOHB-like, TPE models the stopped trials through their intermediate values). Random search, TPE
+   and NSGA-II train every candidate to the end. Best-so-far against cumulative epochs: median and interquartile
+   range, the compute each method needs to reach random search's median final best, and the paired replays (same
+   seed) each method wins, ties and loses against random search and against the search's default method, marked
+   ``(default)``. ``--variants`` adds cheap variants (first rung at epoch 1, a shorter TPE start-up).
 Writes ``benchmarks/replay.png`` and prints markdown tables for RESULTS.md.
 """
 
