@@ -201,8 +201,10 @@ class Replay:
     searcher's ``on_trial_result``, through the live trial's ``should_prune``). Every trained candidate costs its
     epochs."""
 
-    def __init__(self, table: pd.DataFrame, method: Method, seed: int, budget: int, rung: int,
+    def __init__(self, table: pd.DataFrame, method: Method | str, seed: int, budget: int, rung: int,
                  stall: int | None = None) -> None:
+        if isinstance(method, str):  # a label (bench_oneshot.py asks for "random")
+            method = next(m for m in METHODS + VARIANTS if m.label == method)
         self.space, self.inputs = TableSpace(), Inputs(32, 1, 10)
         self.lookup, self.feasible = table_lookup(table)
         self.method, self.seed, self.budget, self.rung = method, seed, budget, rung

@@ -76,7 +76,7 @@ def test_a_replay_trains_the_budget_of_distinct_configs_and_tells_repeats_their_
 
 
 def test_the_stall_fallback_hands_untried_candidates_and_is_counted(bench, table):
-    replay = bench.Replay(table, method(bench, "random"), seed=1, budget=30, rung=2, stall=2)
+    replay = bench.Replay(table, "random", seed=1, budget=30, rung=2, stall=2)  # by label, as bench_oneshot asks
     trace = replay.run()
     handed = [t for t in replay.study.trials if t.user_attrs.get("fallback")]
     assert replay.fallbacks == len(handed) > 0
