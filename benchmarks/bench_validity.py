@@ -2,25 +2,36 @@
 
     python benchmarks/bench_validity.py [--table benchmarks/ground_truth_psvit30M.csv --replays 200 --budget 20]
     python benchmarks/bench_validity.py --first-seed 200 --plot /tmp/replay.png   # other seeds: does it hold?
+    python benchmarks/bench_validity.py --replays 20 --methods tpe+asha --variants  # a quick look
 
 1. Rank fidelity: Kendall tau between the accuracy at the search's fidelity (``lo``) and at 4x the
    epochs (``hi``), over the table's candidates; and between the ``hi`` runs of two seeds, the table's noise.
 2. Early stopping: how often ASHA's decision at a rung (top third goes on) agrees with the final
    ranking (top third at the last epoch), for each possible first rung, from the per-epoch curves.
-3. Search efficiency: random search, TPE, TPE with ASHA (simulated from the curves) and NSGA-II replayed
-   ``--replays`` times each against the table (its sub-grid is the whole search space: every proposal
-   has a value, over-budget points are told as infeasible, a stalled sampler gets an untried candidate as in
-   the search; ``tpe-told`` tells repeats their original's value instead of FAIL). Best-so-far against
-   cumulative epochs: median and interquartile range, the compute each method needs to reach random search's
-   median final best, and the share of paired replays (same seed) each method wins against random search.
+3. Search efficiency: each replay is one search run by the search's own ``BudgetSearcher`` (its sampler from
+   ``study.make_sampler``, the feasible start-up, the budget check, repeats told their original's outcome through
+   the ``StudyIndex``, an untried candidate after ``Standalone.stall`` misses) over an in-memory study and the psvit
+   space narrowed to the table's sub-grid (``TableSpace``: psvit's own ``build`` and ``unused``, so every feasible
+   config it builds is a row of the table). The replay plays Ray's part, one trial at a time: a suggested config
+   "trains" by reporting its 8-epoch curve from the table, one epoch per result, to the scheduler and the searcher
+   in Ray's order. Early stopping is Ray's ASHA as ``schedulers.make_scheduler`` builds it (``tpe+asha``, the
+   search's default), or Optuna's ``HyperbandPruner`` / ``SuccessiveHalvingPruner`` on the study (``tpe+hyperband``,
+   ``tpe+sha``: BOHB-like, TPE models the stopped trials through their intermediate values). Random search, TPE
+   and NSGA-II train every candidate to the end. Best-so-far against cumulative epochs: median and interquartile
+   range, the compute each method needs to reach random search's median final best, and the paired replays (same
+   seed) each method wins, ties and loses against random search and against the search's default method, marked
+   ``(default)``. ``--variants`` adds cheap variants (first rung at epoch 1, a shorter TPE start-up).
 Writes ``benchmarks/replay.png`` and prints markdown tables for RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,8 +40,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ground_truth import BUDGET, DIMENSIONS  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
 
 from tokennas.search.strategies.standalone import Standalone  # noqa: E402
+from tokennas.spaces import Inputs  # noqa: E402
+from tokennas.spaces.psvit import PSViTSpace  # noqa: E402
 
 STALL = Standalone.stall  # the standalone search's stall count, so the replays do the same
 
@@ -44,7 +58,8 @@ def load_table(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for candidate, group in hi.groupby("candidate"):
         lo = raw[(raw["candidate"] == candidate) & (raw["fidelity"] == "lo")]["val_acc"]
         rows.append({"candidate": candidate, "role": group["role"].iloc[0], "flops": group["flops"].iloc[0],
-                     "params": group["params"].iloc[0], "hi": group["val_acc"].mean(), "seeds": len(group),
+                     "params": group["params"].iloc[0], "config": group["config"].iloc[0],
+                     "hi": group["val_acc"].mean(), "seeds": len(group),
                      "hi_sd": group["val_acc"].std(), "lo": lo.mean() if len(lo) else np.nan,
                      "curve": np.mean(np.stack(group["curve"].to_list()), axis=0)})
     table = pd.DataFrame(rows)
@@ -110,84 +125,182 @@ def rung_agreement(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+class TableSpace(PSViTSpace):
+    """The real psvit space restricted to the table's sub-grid: the same ``build`` and ``unused`` (PSViT's), with
+    ``dimensions`` narrowed to ``ground_truth.DIMENSIONS`` and max pooling fixed (the table's only pooling kind).
+    The searcher asks, builds, counts FLOPs, checks the budget and finds repeats through it as through any space;
+    every feasible config it can build is a row of the table (``Replay`` checks)."""
+
+    name = "psvit-table"
+
+    def dimensions(self, inputs: Inputs) -> dict[str, tuple]:
+        return dict(DIMENSIONS)
+
+    def build(self, params: dict, inputs: Inputs):
+        return super().build({**params, "pool_kind": "max2d"}, inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A replayed search: a sampler as ``study.make_sampler`` builds it and what stops candidates early.
+
+    ``stopper``: ``fifo`` (none), ``asha`` (Ray's ASHA as ``schedulers.make_scheduler`` builds it, ``CandidateASHA``,
+    first rung ``first_rung`` or the search's), ``sha`` / ``hyperband`` (Optuna's ``SuccessiveHalvingPruner`` /
+    ``HyperbandPruner`` on the study, minimum resource ``first_rung`` or the search's first rung, reduction factor 3).
+    ``startup``: TPE's feasible start-up count instead of ``make_sampler``'s."""
+
+    label: str
+    sampler: str
+    stopper: str = "fifo"
+    first_rung: int | None = None
+    startup: int | None = None
+
+    def pruner(self, epochs: int, rung: int):
+        import optuna
+
+        if self.stopper == "sha":
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=self.first_rung or rung, reduction_factor=3)
+        if self.stopper == "hyperband":
+            return optuna.pruners.HyperbandPruner(min_resource=self.first_rung or rung, max_resource=epochs,
+                                                  reduction_factor=3)
+        return optuna.pruners.NopPruner()
+
+
+METHODS = (Method("random", "random"), Method("tpe", "tpe"), Method("tpe+asha", "tpe", "asha"),
+           Method("nsga2", "nsga2"), Method("tpe+hyperband", "tpe", "hyperband"))
+# cheap variants (--variants): Optuna's successive halving alone, the first rung at epoch 1 (ASHA, Hyperband's
+# minimum resource), TPE's start-up after 3 feasible candidates instead of make_sampler's 6
+VARIANTS = (Method("tpe+sha", "tpe", "sha"), Method("tpe+asha r1", "tpe", "asha", first_rung=1),
+            Method("tpe+hyperband r1", "tpe", "hyperband", first_rung=1),
+            Method("tpe+asha s3", "tpe", "asha", startup=3))
+
+
+def is_default(method: Method) -> bool:
+    """The search's own defaults: ``SearchSettings``' sampler and scheduler, and the rest as the search sets it."""
+    from tokennas.search.settings import SearchSettings
+
+    field = {f.name: f.default for f in dataclasses.fields(SearchSettings)}
+    return (method.sampler, method.stopper) == (field["sampler"], field["scheduler"]) \
+        and method.first_rung is None and method.startup is None
+
+
+def label(method: Method) -> str:
+    return method.label + (" (default)" if is_default(method) else "")
+
+
 class Replay:
-    """One search against the table: Optuna asks over the sub-grid; every evaluation costs epochs.
+    """One search against the table, run by the search's own ``BudgetSearcher`` over an in-memory Optuna study.
 
-    As in the search, a repeat is never trained again and is told FAIL (``tpe-told``: told the original's
-    value instead), and after every ``stall`` misses in a row an untried feasible candidate is enqueued."""
+    The searcher proposes as in a search (its sampler from ``make_sampler``, the feasible start-up, the budget
+    check, repeats told their original's outcome through the ``StudyIndex``, an untried candidate after ``stall``
+    misses); the replay plays Ray's part, one trial at a time: each suggested config trains by reading its curve
+    from the table, one epoch per result, handed to the scheduler and the searcher in the order Ray's
+    ``TuneController`` does (scheduler first; on STOP the scheduler's and the searcher's ``on_trial_complete`` with
+    the last result, else the searcher's ``on_trial_result``). ASHA is Ray's own scheduler, driven with Ray
+    ``Trial`` stubs. Optuna's pruners decide from the intermediate values the searcher reported (after the
+    searcher's ``on_trial_result``, through the live trial's ``should_prune``). Every trained candidate costs its
+    epochs."""
 
-    def __init__(self, table: pd.DataFrame, method: str, seed: int, budget: int, first_rung: int,
+    def __init__(self, table: pd.DataFrame, method: Method | str, seed: int, budget: int, rung: int,
                  stall: int | None = None) -> None:
-        self.lookup = {json.dumps(json.loads(p), sort_keys=True): row for p, row in
-                       zip(table["params"], table.itertuples(), strict=True)}
-        self.method, self.seed, self.budget, self.first_rung = method, seed, budget, first_rung
+        if isinstance(method, str):  # a label (bench_oneshot.py asks for "random")
+            method = next(m for m in METHODS + VARIANTS if m.label == method)
+        self.space, self.inputs = TableSpace(), Inputs(32, 1, 10)
+        self.lookup, self.feasible = table_lookup(table)
+        self.method, self.seed, self.budget, self.rung = method, seed, budget, rung
         self.stall = stall if stall is not None else STALL
-        self.proposals = self.repeats = self.fallbacks = 0
+        self.proposals = self.repeats = self.fallbacks = self.infeasible = self.stopped = 0
+        self.study = None
 
     def run(self) -> list[tuple[int, float]]:
         """(cumulative epochs, best final accuracy so far) after each trained candidate."""
         import optuna
+        from ray.tune.experiment import Trial
+        from ray.tune.schedulers import TrialScheduler
 
+        from tokennas.config import config_key
         from tokennas.search.studies import study as S
+        from tokennas.search.tune.schedulers import CandidateASHA, make_scheduler
+        from tokennas.search.tune.searcher import BudgetSearcher
+        from tokennas.train import TrainSettings
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        sampler = S.make_sampler("tpe" if self.method in ("tpe+asha", "tpe-told") else self.method, self.seed,
-                                 self.budget)
-        study = optuna.create_study(direction="maximize", sampler=sampler)
-        epochs_used, best, trace, seen = 0, -1.0, [], {}
-        rungs: dict[int, list[float]] = {}
-        rng, misses = np.random.default_rng(self.seed), 0
-        while len(seen) < self.budget and self.proposals < 50 * self.budget:
-            if misses and misses % self.stall == 0:  # the search's fallback (BudgetSearcher._enqueue_untried)
-                untried = sorted(set(self.lookup) - set(seen))
-                params = json.loads(untried[rng.integers(len(untried))])
-                study.enqueue_trial({k: params[k] for k in DIMENSIONS})
-                self.fallbacks += 1
-            self.proposals += 1
-            trial = study.ask()
-            params = {k: trial.suggest_categorical(k, list(v)) for k, v in DIMENSIONS.items()}
-            key = json.dumps({**params, "pool_kind": "max2d"}, sort_keys=True)
-            row = self.lookup.get(key)
-            if row is None:  # over the budget: told as infeasible, costs nothing
-                trial.set_constraint("flops", 1.0)
-                study.tell(trial, 0.0)
-                misses += 1
-                continue
-            trial.set_constraint("flops", float(row.flops - BUDGET))
-            if key in seen:  # a repeat is never trained again; FAIL is no evidence to a sampler
-                self.repeats += 1
-                misses += 1
-                if self.method == "tpe-told" and seen[key] is not None:
-                    study.tell(trial, seen[key])
-                else:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                continue
-            misses = 0
-            curve = row.curve
-            stopped_at = None
-            if self.method == "tpe+asha":
-                rung = self.first_rung
-                while rung < len(curve):
-                    recorded = rungs.setdefault(rung, [])
-                    recorded.append(curve[rung - 1])
-                    if curve[rung - 1] < np.percentile(recorded, 100 * 2 / 3):
-                        stopped_at = rung
-                        break
-                    rung *= 3
-            if stopped_at is not None:
-                epochs_used += stopped_at
-                seen[key] = None
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                epochs_used += len(curve)
+        method, epochs = self.method, len(next(iter(self.lookup.values())).curve)
+        sampler = S.make_sampler(method.sampler, self.seed, self.budget)
+        if method.startup is not None:
+            sampler.n_startup = method.startup  # FeasibleStartup's count
+        self.study = study = optuna.create_study(direction="maximize", sampler=sampler,
+                                                 pruner=method.pruner(epochs, self.rung))
+        searcher = BudgetSearcher(study, self.space, self.inputs, BUDGET, epochs, stall=self.stall,
+                                  trials=self.budget, feasible=self.feasible, seed=self.seed)
+        scheduler = None
+        if method.stopper == "asha":
+            scheduler = make_scheduler("asha", "acc", epochs, TrainSettings().warmup_epochs) \
+                if method.first_rung is None else \
+                CandidateASHA(time_attr="epoch", max_t=epochs, grace_period=method.first_rung, reduction_factor=3)
+            scheduler.set_search_properties("val_acc", "max")  # as the Tuner does
+        np.random.seed(self.seed)  # Ray's ASHA draws a bracket from numpy's global generator (one bracket here)
+        epochs_used, best, trace = 0, -1.0, []
+        for number in itertools.count():
+            trial_id = f"replay_{number:05d}"
+            suggestion = searcher.suggest(trial_id)
+            if suggestion == Searcher.FINISHED:
+                break
+            if suggestion is None:  # one trial at a time: the searcher has nothing in flight to wait for
+                raise RuntimeError(f"{method.label} replay, seed {self.seed}: the searcher suggested nothing")
+            curve = self.lookup[config_key(suggestion["config"])].curve
+            trial = Trial("__fake", config=suggestion, trial_id=trial_id, stub=True)
+            if scheduler is not None:
+                scheduler.on_trial_add(None, trial)
+            for epoch, acc in enumerate(curve, start=1):
+                result = {"epoch": epoch, "training_iteration": epoch, "val_acc": float(acc), "time_total_s": 0.0}
+                stop = epoch == len(curve)
+                if scheduler is not None:
+                    stop = scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP or stop
+                if not stop:
+                    searcher.on_trial_result(trial_id, result)
+                    if method.stopper in ("sha", "hyperband"):
+                        stop = searcher.live[trial_id].should_prune()
+                if stop:
+                    if scheduler is not None:
+                        scheduler.on_trial_complete(None, trial, result)
+                    searcher.on_trial_complete(trial_id, result)
+                    break
+            epochs_used += epoch
+            self.stopped += epoch < len(curve)
+            if epoch == len(curve):
                 best = max(best, float(curve[-1]))
-                seen[key] = float(curve[-1])
-                study.tell(trial, float(curve[-1]))
             trace.append((epochs_used, best))
-        if len(seen) < self.budget:  # a replay that stopped short would pass for a cheap one
-            raise RuntimeError(f"{self.method} replay, seed {self.seed}: {len(seen)} of {self.budget} candidates "
+        self.proposals, self.repeats = len(study.trials), searcher.repeats
+        self.fallbacks, self.infeasible = searcher.fallbacks, searcher.infeasible
+        if len(trace) != self.budget:  # a replay that stopped short would pass for a cheap one
+            raise RuntimeError(f"{method.label} replay, seed {self.seed}: {len(trace)} of {self.budget} candidates "
                                f"trained in {self.proposals} proposals")
         return trace
+
+
+_LOOKUPS: dict[int, tuple[dict, dict]] = {}
+
+
+def table_lookup(table: pd.DataFrame) -> tuple[dict, dict]:
+    """(config key -> the table's row, the space's feasible set as ``Space.feasible`` gives it) for ``TableSpace``,
+    once per table. Checks that the space builds, from each row's parameters, the config the table recorded, and
+    that its feasible set under the budget is exactly the table's configs."""
+    from tokennas.config import config_from_dict, config_key
+
+    if id(table) in _LOOKUPS:
+        return _LOOKUPS[id(table)]
+    space, inputs, lookup = TableSpace(), Inputs(32, 1, 10), {}
+    for row in table.itertuples():
+        key = config_key(space.build(json.loads(row.params), inputs))
+        if key != config_key(config_from_dict(json.loads(row.config))):
+            raise ValueError(f"{row.candidate}: the space builds another config from the table's parameters")
+        lookup[key] = row
+    feasible = space.feasible(BUDGET, inputs)[0]
+    if set(feasible) != set(lookup):
+        raise ValueError(f"the space's {len(feasible)} feasible configs are not the table's {len(lookup)}")
+    _LOOKUPS[id(table)] = lookup, feasible
+    return lookup, feasible
 
 
 def best_at(trace: list[tuple[int, float]], grid: np.ndarray) -> np.ndarray:
@@ -206,6 +319,10 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--budget", type=int, default=20, help="trained candidates per replay")
     parser.add_argument("--first-seed", type=int, default=0, help="replay seeds are first-seed .. first-seed+replays-1")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="replay only these methods (labels without '(default)'); random always runs")
+    parser.add_argument("--variants", action="store_true",
+                        help="also the cheap variants (first rung, start-up count) of TPE with a scheduler")
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "replay.png")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # medians of replays that have no best yet
@@ -233,12 +350,18 @@ def main() -> None:
     rung = first_rung(epochs, TrainSettings().warmup_epochs)
     grid = np.arange(1, epochs * args.budget + 1)
     curves, finals, counts = {}, {}, {}
-    for method in ("random", "tpe", "tpe+asha", "nsga2", "tpe-told"):
+    chosen = [m for m in METHODS + (VARIANTS if args.variants else ())
+              if not args.methods or m.label in args.methods or m.sampler == "random"]
+    for method in chosen:
+        started = time.perf_counter()
         replays = [Replay(table, method, seed, args.budget, rung)
                    for seed in range(args.first_seed, args.first_seed + args.replays)]
-        curves[method] = np.stack([best_at(replay.run(), grid) for replay in replays])
-        finals[method] = curves[method][:, -1]
-        counts[method] = {k: np.mean([getattr(r, k) for r in replays]) for k in ("proposals", "repeats", "fallbacks")}
+        name = label(method)
+        curves[name] = np.stack([best_at(replay.run(), grid) for replay in replays])
+        finals[name] = curves[name][:, -1]
+        counts[name] = {k: np.mean([getattr(r, k) for r in replays])
+                        for k in ("proposals", "infeasible", "repeats", "fallbacks", "stopped")}
+        print(f"{name}: {args.replays} replays in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     target = np.nanmedian(finals["random"])
 
     def reach(runs: np.ndarray) -> int | None:
@@ -246,20 +369,27 @@ def main() -> None:
         return int(grid[np.argmax(median >= target)]) if (median >= target).any() else None
 
     random_reach = reach(curves["random"])
+    default = next((name for name in curves if name.endswith("(default)")), None)
     rows = []
     for method, runs in curves.items():
         epochs_needed = reach(runs)
-        rows.append({"method": method, "median final best": np.nanmedian(finals[method]),
-                     "IQR": f"{np.nanpercentile(finals[method], 25):.4f}-{np.nanpercentile(finals[method], 75):.4f}",
-                     "epochs to random's median final best": epochs_needed,
-                     "compute vs random": None if epochs_needed is None else epochs_needed / random_reach,
-                     "wins vs random": float(np.mean(finals[method] > finals["random"])),
-                     "ties": float(np.mean(finals[method] == finals["random"])),
-                     **{f"{k} per replay": v for k, v in counts[method].items()}})
+        row = {"method": method, "median final best": f"{np.nanmedian(finals[method]):.4f}",
+               "IQR": f"{np.nanpercentile(finals[method], 25):.4f}-{np.nanpercentile(finals[method], 75):.4f}",
+               "epochs to random's median final best": "not reached" if epochs_needed is None else epochs_needed,
+               "compute vs random": "-" if epochs_needed is None else f"{epochs_needed / random_reach:.2f}"}
+        for against, short in (("random", "random"), (default, "default")):
+            if against is None or against == method or (short == "default" and method == "random"):
+                row[f"won/tied/lost vs {short}"] = "-"
+                continue
+            row[f"won/tied/lost vs {short}"] = (f"{np.mean(finals[method] > finals[against]):.1%} / "
+                                               f"{np.mean(finals[method] == finals[against]):.1%} / "
+                                               f"{np.mean(finals[method] < finals[against]):.1%}")
+        rows.append(row | {f"{k} per replay": f"{v:.1f}" for k, v in counts[method].items()})
     print(f"\n## Replays ({args.replays} per method, {args.budget} trained candidates each, "
-          f"ASHA first rung at epoch {rung}, an untried candidate after {STALL} misses in a row; "
+          f"first rung at epoch {rung} unless named, an untried candidate after {STALL} misses in a row, "
+          f"one trial at a time; "
           f"target = random's median final best {target:.4f})")
-    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"))
+    print(pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True))
     checkpoints = [g for g in (epochs, 2 * epochs, 5 * epochs, 10 * epochs, 20 * epochs) if g <= grid[-1]]
     print("\nMedian best-so-far [IQR] at cumulative epochs:")
     print(pd.DataFrame({m: [f"{np.nanmedian(r[:, g - 1]):.4f} [{np.nanpercentile(r[:, g - 1], 25):.4f}-"
@@ -273,6 +403,8 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for method, runs in curves.items():
+        if method.split(" (")[0] not in [m.label for m in METHODS]:
+            continue  # the variants would crowd the plot; the tables have them
         ax.plot(grid, np.nanmedian(runs, axis=0), label=method)
         ax.fill_between(grid, np.nanpercentile(runs, 25, axis=0), np.nanpercentile(runs, 75, axis=0), alpha=0.2)
     ax.axhline(target, color="black", ls=":", lw=1, label="random's median final best")

@@ -1,0 +1,99 @@
+"""benchmarks/bench_validity.py's replays run the search's own BudgetSearcher against the committed ground-truth
+table: short replays, checked for what the search does (repeats told their original's outcome and never trained
+twice, exactly the budget of distinct configs trained, the stall fallback counted, Ray's ASHA and Optuna's pruners
+stopping candidates at their rungs)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from tokennas.config import config_key
+from tokennas.search.studies import study as S
+
+BENCH = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_validity", BENCH / "bench_validity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_validity"] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_validity", None)
+    sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def table(bench):
+    return bench.load_table(BENCH / "ground_truth_psvit30M.csv")[0]
+
+
+def method(bench, name):
+    return next(m for m in bench.METHODS + bench.VARIANTS if m.label == name)
+
+
+def test_the_table_is_the_spaces_feasible_set(bench, table):
+    lookup, feasible = bench.table_lookup(table)
+    assert len(lookup) == len(table) == 68
+    assert set(feasible) == set(lookup)
+
+
+def test_a_replay_trains_the_budget_of_distinct_configs_and_tells_repeats_their_originals_outcome(bench, table):
+    replay = bench.Replay(table, method(bench, "tpe+asha"), seed=0, budget=20, rung=2)
+    trace = replay.run()
+    trials = replay.study.trials
+    trained = [t for t in trials if S.trained(t)]
+    keys = [config_key(t.user_attrs["config"]) for t in trained]
+    assert len(trace) == len(trained) == len(set(keys)) == 20  # never trained twice
+    assert set(keys) <= set(replay.lookup)
+    repeats = [t for t in trials if S.is_repeat(t)]
+    assert replay.repeats == len(repeats) > 0
+    for t in repeats:
+        original = trials[t.user_attrs["repeat_of"]]
+        assert config_key(t.user_attrs["config"]) == config_key(original.user_attrs["config"])
+        assert t.state == original.state and t.value == original.value  # one trial at a time: never a liar
+        if original.state == TrialState.PRUNED:  # its rung: the intermediate values, then PRUNED
+            assert t.intermediate_values == original.intermediate_values
+    # each trained config cost the epochs it reported: the table's curve up to where Ray's ASHA stopped it
+    epochs = 0
+    for t in trained:
+        curve = replay.lookup[config_key(t.user_attrs["config"])].curve
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(1, len(steps) + 1))
+        assert [t.intermediate_values[s] for s in steps] == pytest.approx(list(curve[:len(steps)]))
+        assert (t.state == TrialState.PRUNED) == (len(steps) < len(curve))
+        if t.state == TrialState.PRUNED:
+            assert len(steps) in (2, 6)  # the search's rungs: epoch 2, then 3x
+        epochs += len(steps)
+    assert trace[-1][0] == epochs
+    assert replay.stopped == sum(t.state == TrialState.PRUNED for t in trained) > 0
+    assert replay.proposals == len(trials) == len(trained) + len(repeats) + replay.infeasible
+
+
+def test_the_stall_fallback_hands_untried_candidates_and_is_counted(bench, table):
+    replay = bench.Replay(table, "random", seed=1, budget=30, rung=2, stall=2)  # by label, as bench_oneshot asks
+    trace = replay.run()
+    handed = [t for t in replay.study.trials if t.user_attrs.get("fallback")]
+    assert replay.fallbacks == len(handed) > 0
+    assert all(S.trained(t) for t in handed)  # feasible and untried when handed out
+    assert len(trace) == 30
+    assert trace[-1][0] == 30 * 8  # no scheduler: every candidate trains its 8 epochs
+
+
+def test_optunas_hyperband_pruner_stops_candidates_in_the_replay(bench, table):
+    replay = bench.Replay(table, method(bench, "tpe+hyperband"), seed=0, budget=12, rung=2)
+    trace = replay.run()
+    pruned = [t for t in replay.study.trials if S.trained(t) and t.state == TrialState.PRUNED]
+    assert replay.stopped == len(pruned) > 0
+    assert all(max(t.intermediate_values) < 8 for t in pruned)
+    assert len(trace) == 12 and trace[-1][0] < 12 * 8
+
+
+def test_the_default_method_is_the_searchs(bench):
+    assert [m.label for m in bench.METHODS if bench.is_default(m)] == ["tpe+asha"]
+    assert bench.label(method(bench, "tpe+asha")) == "tpe+asha (default)"
