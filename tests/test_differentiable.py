@@ -84,6 +84,7 @@ def resumed_run(tiny_parent, tmp_path_factory):
     return run_dir, first
 
 
+@pytest.mark.slow  # one search stopped and resumed through Ray: about 80 s of CPU (make test-all)
 def test_resume_goes_on_from_the_checkpoint(resumed_run):
     run_dir, first = resumed_run
     rates = pd.read_csv(run_dir / "rates.csv")
@@ -94,6 +95,7 @@ def test_resume_goes_on_from_the_checkpoint(resumed_run):
     assert f"resumed from the checkpoint at step {STOP_AT}" in (run_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow  # one search stopped and resumed through Ray: about 80 s of CPU (make test-all)
 def test_the_penalty_pulls_the_expected_macs_to_the_budget(resumed_run):
     rates = pd.read_csv(resumed_run[0] / "rates.csv").drop_duplicates("step")
     budget = parent_macs() // 2
@@ -101,6 +103,7 @@ def test_the_penalty_pulls_the_expected_macs_to_the_budget(resumed_run):
     assert abs(rates["macs"].iloc[-5:].mean() / budget - 1) < 0.1
 
 
+@pytest.mark.slow  # one search stopped and resumed through Ray: about 80 s of CPU (make test-all)
 def test_the_learned_schedules_are_scored_within_the_budget(resumed_run, tiny_parent, capsys):
     run_dir = resumed_run[0]
     budget = parent_macs() // 2
