@@ -17,10 +17,11 @@ from tokennas.report.page import markdown_html
 from tokennas.report.plots import pareto_figure
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# psvit under 30M MACs: TPE's first proposals are mostly over budget, so the run has INFEASIBLE rows to draw
-SEARCH = ("search", "--space", "psvit", "--flops", "30M", "--trials", "2", "--epochs", "1", "--train-subset", "300",
+# psvit under 15M MACs: the first proposals are mostly over budget, so the run has INFEASIBLE rows to draw (at 30M,
+# with psvit's ordered encoding, seed 0's first proposals all fit)
+SEARCH = ("search", "--space", "psvit", "--flops", "15M", "--trials", "2", "--epochs", "1", "--train-subset", "300",
           "--seed", "0", "--retrain-top", "0", "--quiet")
-BUDGET = 30_000_000
+BUDGET = 15_000_000
 # appended to a copy of the page: what Plotly drew, each trace with the title of its y axis, as JSON in the DOM
 PROBE = """<script>
 window.addEventListener("load", () => setTimeout(() => {
