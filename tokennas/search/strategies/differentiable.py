@@ -51,11 +51,11 @@ import torch.nn.functional as F
 
 from ...models.layers import block_flops, ln_flops
 from ...models.supernet import Supernet
-from ...train import TrainSettings, training_batches, write_atomic
+from ...train import TrainSettings, check_finite, training_batches, write_atomic
 from ..settings import SearchSettings
 from ..stages import StageContext
-from .frozen import FROZEN_SPACES, Frozen, measure_speed, parent_net
-from .oneshot import check_scoring, score_stage, supernet_path
+from .frozen import Frozen, keep_parent, measure_speed
+from .oneshot import score_stage, supernet_path
 
 PENALTY = 20.0  # weight of the squared relative distance of the expected MACs to the budget
 KEEP_AT_START = 0.95  # the starting probability of the candidate "keep every token": the parent's schedule, nearly
@@ -197,6 +197,7 @@ def learn(ctx: StageContext) -> bool:
         logits, counts = soft_forward(net, images, prune_logits, merge_logits)
         macs = expected_macs(net.config, *zip(*counts, strict=True))
         loss = F.cross_entropy(logits, labels) + PENALTY * (macs / budget - 1) ** 2
+        check_finite(loss.detach().reshape(1), 0, step + 1)  # a diverged learning fails the run, never scores NaN rates
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -233,23 +234,17 @@ class Differentiable(Frozen):
     name = "differentiable"
     options = ("parent", "finetune_epochs", "score_images", "diff_steps", "diff_lr")
 
+    spaces_why = "rates learned on one trained parent"
+
     def validate(self, settings: SearchSettings) -> None:
-        if settings.space not in FROZEN_SPACES:
-            raise ValueError(f"invalid --space {settings.space!r} for --strategy differentiable; expected one of: "
-                             f"{', '.join(FROZEN_SPACES)} (rates learned on one trained parent)")
-        if settings.parent is None:
-            raise ValueError("--strategy differentiable needs --parent (a trained ViT: a shipped parent's name such "
-                             "as fmnist-vit, a `tokennas train` checkpoint.pt or a timm ViT/DeiT state dict)")
+        super().validate(settings)  # the space, --parent and the scoring options, as the frozen strategy checks them
         if settings.diff_steps < 1:
             raise ValueError(f"invalid --diff-steps {settings.diff_steps}; expected at least 1")
         if not (math.isfinite(settings.diff_lr) and settings.diff_lr > 0):
             raise ValueError(f"invalid --diff-lr {settings.diff_lr}; expected a positive number")
-        check_scoring(settings)
 
     def search_stage(self, ctx: StageContext) -> None:
-        if not supernet_path(ctx.run_dir).is_file():
-            parent_net(ctx.settings, ctx.prepared).save(supernet_path(ctx.run_dir), parent=ctx.settings.parent,
-                                                        epochs=0)
+        keep_parent(ctx)
         if not learn(ctx):
             return  # stopped: the checkpoint holds the learning so far, --resume goes on from it
         study = ctx.study

@@ -39,12 +39,14 @@ class Frozen:
     options = ("parent", "finetune_epochs", "score_images")
     no_retrain = "no --finetune-epochs: the schedules run on the parent's weights as they are"
 
+    spaces_why = "schedules of one trained parent"  # what --space must hold, in the error's words
+
     def validate(self, settings: SearchSettings) -> None:
         if settings.space not in FROZEN_SPACES:
-            raise ValueError(f"invalid --space {settings.space!r} for --strategy frozen; expected one of: "
-                             f"{', '.join(FROZEN_SPACES)} (schedules of one trained parent)")
+            raise ValueError(f"invalid --space {settings.space!r} for --strategy {self.name}; expected one of: "
+                             f"{', '.join(FROZEN_SPACES)} ({self.spaces_why})")
         if settings.parent is None:
-            raise ValueError("--strategy frozen needs --parent (a trained ViT: a shipped parent's name such as "
+            raise ValueError(f"--strategy {self.name} needs --parent (a trained ViT: a shipped parent's name such as "
                              "fmnist-vit, a `tokennas train` checkpoint.pt or a timm ViT/DeiT state dict)")
         check_scoring(settings)
 
@@ -53,9 +55,7 @@ class Frozen:
         drop_baseline_unless_held(parent_net(settings, prepared), prepared, "the parent cannot run it")
 
     def search_stage(self, ctx: StageContext) -> None:
-        if not supernet_path(ctx.run_dir).is_file():
-            parent_net(ctx.settings, ctx.prepared).save(supernet_path(ctx.run_dir), parent=ctx.settings.parent,
-                                                          epochs=0)
+        keep_parent(ctx)
         enqueue_starts(ctx)
         if ctx.time_left():
             score_stage(ctx, self.stall, self.search_epochs(ctx.settings))
@@ -98,6 +98,13 @@ def parent_net(settings: SearchSettings, prepared: Prepared) -> Supernet:
                          f"{inputs.num_classes} classes; the frozen strategy scores schedules with the parent's own "
                          "classifier (fine-tune it with `tokennas train` first)")
     return build_supernet([prepared.space.parent()], parent)
+
+
+def keep_parent(ctx: StageContext) -> None:
+    """The parent kept in the run as ``supernet.pt`` (a supernet of one trunk), once: what scoring and fine-tuning
+    load."""
+    if not supernet_path(ctx.run_dir).is_file():
+        parent_net(ctx.settings, ctx.prepared).save(supernet_path(ctx.run_dir), parent=ctx.settings.parent, epochs=0)
 
 
 def enqueue_starts(ctx: StageContext) -> None:
