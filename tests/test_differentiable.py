@@ -138,3 +138,15 @@ def test_its_options_need_the_strategy(tmp_path, capsys):
     assert main_code(["search", "--space", "layers", "--parent", "fmnist-vit", "--flops", "50%", "--diff-steps", "9",
                       "--out", str(tmp_path / "run")]) == 2
     assert "--diff-steps needs --strategy differentiable" in capsys.readouterr().err
+
+
+def test_a_diverged_learning_fails_the_run_in_one_line(tiny_parent, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(differentiable, "PENALTY", float("nan"))  # every loss non-finite
+    code = main_code(["search", "--space", "layers", "--strategy", "differentiable", "--parent", str(tiny_parent),
+                      "--flops", "50%", "--diff-steps", "3", "--batch-size", "32", "--train-subset", "600",
+                      "--trials", "2", "--score-images", "100", "--seed", "0", "--quiet", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "loss is nan" in err.strip().splitlines()[-1]
+    trials = pd.read_csv(tmp_path / "r" / "trials.csv")
+    assert not len(trials[trials["role"] == "candidate"])  # no schedule of NaN rates was scored

@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         code = 2
     except RuntimeError as err:
-        if type(err).__name__ != "SearchFailed":
+        if type(err).__name__ not in ("SearchFailed", "NonFiniteLoss"):  # a run that failed: one line, exit 1
             raise
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         code = 1
