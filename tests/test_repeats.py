@@ -1,5 +1,6 @@
 """Repeats that teach, and a study index that answers like a scan: the searcher contract without a Ray cluster."""
 
+import json
 import random
 
 import optuna
@@ -9,6 +10,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from tokennas import count_flops
 from tokennas.config import config_key
 from tokennas.search.settings import SearchSettings, save_settings
 from tokennas.search.stages import trained_count
@@ -168,10 +170,36 @@ def test_the_summary_counts_repeats_and_fallbacks_and_ranks_neither(tmp_path):
     write_reports(tmp_path)
     summary = (tmp_path / "summary.md").read_text()
     assert f"{searcher.repeats} repeated configs" in summary
-    assert f"{searcher.fallbacks} candidates drawn at random from the untried feasible configs" in summary
+    assert f"{searcher.fallbacks} candidates drawn at random when the sampler stalled" in summary
     trials = pd.read_csv(tmp_path / "trials.csv")
     assert (trials["state"] == "REPEAT").sum() == searcher.repeats and trials["fallback"].sum() == searcher.fallbacks
     assert len(pd.read_csv(tmp_path / "ranking.csv")) == 6
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_stalled_sampler_in_a_continuous_space_is_handed_a_random_direction():
+    """layers enumerates nothing: a sampler that keeps proposing one schedule is handed a uniform direction after
+    ``stall`` misses in a row, marked fallback, and the search moves on to new schedules."""
+    from tokennas.spaces.layers import LayersSpace
+
+    trunk = {"img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 2, "embed_dim": 32, "depth": 4,
+             "num_heads": 1}
+    space, inputs = LayersSpace(trunk=trunk), Inputs(16, 1, 10)
+    budget = count_flops(space.parent()) // 2
+    space = LayersSpace(trunk=trunk, budget=budget)
+    same = {name: 0.5 if name.startswith(("prune", "merge")) else False for name in space.dimensions(inputs)}
+    sampler = optuna.samplers.PartialFixedSampler(same, optuna.samplers.RandomSampler(seed=0))  # always `same`
+    study = S.open_study(optuna.storages.InMemoryStorage(), "acc", sampler, create=True)
+    searcher = BudgetSearcher(study, space, inputs, budget, max_epochs=0, stall=4, trials=3, feasible={}, seed=0)
+    configs = []
+    for i in range(3):
+        suggestion = searcher.suggest(str(i))
+        configs.append(json.dumps(suggestion["config"], sort_keys=True))
+        searcher.on_trial_complete(str(i), {"val_acc": 0.5, "epoch": 0})
+    assert len(set(configs)) == 3 and searcher.fallbacks == 2 and searcher.repeats == 8
+    fallbacks = [t for t in study.trials if t.user_attrs.get("fallback")]
+    assert len(fallbacks) == 2 and all(t.params != same for t in fallbacks)
+    assert all(count_flops(space.build(t.params, inputs)) <= budget for t in fallbacks)
 
 
 # -- the index against full scans --

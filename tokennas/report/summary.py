@@ -57,8 +57,8 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
              f"{counts.get('FAIL', 0)} failed, {counts.get('INTERRUPTED', 0)} interrupted, "
              f"{counts.get('INFEASIBLE', 0)} proposals over budget and "
              f"{counts.get('REPEAT', 0)} repeated configs (neither {evaluated}; a repeat is told its original's "
-             f"outcome); {_fallbacks(candidates)} candidates drawn at random from the untried feasible configs when "
-             "the sampler stalled (fallbacks)",
+             f"outcome); {_fallbacks(candidates)} candidates drawn at random when the sampler stalled (fallbacks: an "
+             "untried feasible config, or in a continuous space such as layers a uniform direction)",
              *strategy_lines,
              *(_retrain_plan_line(settings, _n(retrain_epochs, "epoch")) if retrain_epochs else []),
              *_stage_lines(settings, stages), ""]

@@ -284,7 +284,7 @@ class BudgetSearcher(RunsSearcher):
 
         misses = 0
         while True:
-            if misses and misses % self.stall == 0 and self.feasible:
+            if misses and misses % self.stall == 0:
                 self._enqueue_untried()
             trial = coordination.take_turn(self.index, self.study.ask(), self.trials)
             if trial is None:  # the other drivers filled the study first
@@ -312,13 +312,24 @@ class BudgetSearcher(RunsSearcher):
             return suggestion
 
     def _enqueue_untried(self) -> None:
-        """The sampler keeps proposing what is over budget or already trained: hand it one untried feasible
-        candidate at random, so a search near the end of a small space still finishes. It is marked ``fallback``
-        (the summary counts them)."""
-        untried = sorted(set(self.feasible) - self.index.proposed())
-        if untried:
-            self.study.enqueue_trial(self.feasible[self.rng.choice(untried)], user_attrs={"fallback": True})
-            self.fallbacks += 1
+        """The sampler keeps proposing what is over budget or already scored: hand it one untried feasible candidate
+        at random (an enumerable space), or a direction drawn uniformly from its distributions (a continuous one,
+        such as ``layers``, where a converging TPE projects nearby directions onto one schedule), so a search near the
+        end of a small space still finishes and a stalled one moves on. It is marked ``fallback`` (the summary counts
+        them)."""
+        if self.feasible:
+            untried = sorted(set(self.feasible) - self.index.proposed())
+            if not untried:
+                return
+            params = self.feasible[self.rng.choice(untried)]
+        elif not getattr(self.space, "enumerable", True):
+            params = {name: self.rng.choice(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution)
+                      else self.rng.uniform(d.low, d.high)
+                      for name, d in self.space.distributions(self.inputs).items()}
+        else:
+            return
+        self.study.enqueue_trial(params, user_attrs={"fallback": True})
+        self.fallbacks += 1
 
     def _resume_from(self, trial: optuna.Trial) -> str | None:
         """The last checkpoint of the interrupted trial this one retries, if it is still there."""
