@@ -109,3 +109,27 @@ def test_resume_takes_the_storage_again_with_its_password_and_nothing_else(tmp_p
     assert resume_settings(tmp_path, {"ray_address": "auto"}).ray_address == "auto"
     with pytest.raises(ValueError, match="--study-name cannot change on --resume"):
         resume_settings(tmp_path, {"study_name": "other"})
+
+
+def test_a_run_study_is_kept_in_wal_mode_and_survives_pickling_and_a_kill(tmp_path):
+    """study.db commits without an fsync each (WAL, synchronous=NORMAL); Ray's pickled copy keeps the pragmas; what
+    a killed process committed is there for the next one."""
+    import pickle
+    import sqlite3
+    import subprocess
+    import sys
+
+    study = S.open_study(tmp_path, "acc", create=True)
+    backend = S.adapter.backend(study)
+    assert isinstance(backend, S.RunStorage)
+    copy = pickle.loads(pickle.dumps(backend))
+    with copy.engine.connect() as connection:
+        pragma = connection.exec_driver_sql
+        assert pragma("PRAGMA journal_mode").scalar() == "wal" and pragma("PRAGMA synchronous").scalar() == 1
+    code = ("import os, sys; from pathlib import Path; from tokennas.search.studies import study as S; "
+            "s = S.open_study(Path(sys.argv[1]), 'acc'); s.tell(s.ask(), 0.25); os._exit(9)")  # no clean close
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 9
+    assert [t.value for t in S.open_study(tmp_path, "acc").trials] == [0.25]
+    S.close(study)
+    copy.engine.dispose()
+    assert [row[0] for row in sqlite3.connect(tmp_path / "study.db").execute("PRAGMA journal_mode")] == ["wal"]

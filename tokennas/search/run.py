@@ -98,8 +98,8 @@ def create_run(settings: SearchSettings, run_dir: Path, storage: Any) -> Path:
     staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}-"))
     try:
         save_settings(settings, staging / "search.yaml")
-        S.open_study(storage if is_shared(storage) else staging, settings.objective, create=True,
-                     study_name=settings.study_name)
+        S.close(S.open_study(storage if is_shared(storage) else staging, settings.objective, create=True,
+                             study_name=settings.study_name))
         if run_dir.exists():
             run_dir.rmdir()  # empty, checked above
         staging.rename(run_dir)
