@@ -181,13 +181,21 @@ def paired_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float,
 
 
 # -- compare --
+def scored_count(run: Path) -> int:
+    """Candidates a search run has scored, from its trials.csv (0 when there is none)."""
+    if not (run / "trials.csv").is_file():
+        return 0
+    trials = pd.read_csv(run / "trials.csv")
+    return int(((trials["role"] == "candidate") & (trials["state"] == "COMPLETE")).sum())
+
+
 def searched_schedule(args, share: float, runs: Path) -> tuple[ScheduleViTConfig, str]:
     """The best schedule of ``tokennas search --space layers`` at ``share``; a finished run in ``runs`` is reused, an
     interrupted one resumed. The search's own output goes to ``runs/share{share}.log``."""
     from tokennas.cli import main
 
     out = runs / f"share{share:g}"
-    if not list((out / "best").glob("01-*.yaml")):
+    if scored_count(out) < args.trials:  # not there, or stopped early (an interrupted run exports its best too)
         log = runs / f"share{share:g}.log"
         argv = ["search", "--trials", str(args.trials), "--top", "1", "--quiet"]
         argv += ["--resume", str(out)] if (out / "search.yaml").exists() else [  # an interrupted run continues
@@ -199,6 +207,8 @@ def searched_schedule(args, share: float, runs: Path) -> tuple[ScheduleViTConfig
             except SystemExit as exit_:
                 if exit_.code:
                     raise RuntimeError(f"the search at {share:g}% failed, see {log}") from None
+    if scored_count(out) < args.trials:
+        raise RuntimeError(f"the search at {share:g}% scored {scored_count(out)} of {args.trials}, see {out}")
     best = sorted((out / "best").glob("01-*.yaml"))[0]
     trials = pd.read_csv(out / "trials.csv")
     scored = trials[(trials["role"] == "candidate") & (trials["state"] == "COMPLETE")]
