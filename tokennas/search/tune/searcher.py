@@ -323,8 +323,8 @@ class BudgetSearcher(RunsSearcher):
                 return
             params = self.feasible[self.rng.choice(untried)]
         elif not getattr(self.space, "enumerable", True):
-            params = {name: self.rng.choice(d.choices) if isinstance(d, optuna.distributions.CategoricalDistribution)
-                      else self.rng.uniform(d.low, d.high)
+            uniform = optuna.samplers.RandomSampler(seed=self.rng.randrange(2**32))  # Optuna's draws, any distribution
+            params = {name: uniform.sample_independent(self.study, None, name, d)
                       for name, d in self.space.distributions(self.inputs).items()}
         else:
             return
