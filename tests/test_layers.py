@@ -150,8 +150,9 @@ def test_a_layers_search_on_a_frozen_parent(tiny_parent, tmp_path, capsys):
     `tokennas evaluate` runs an exported schedule on the parent."""
     run_dir = tmp_path / "run"
     main_ok(["search", "--space", "layers", "--parent", str(tiny_parent), "--flops", "50%", "--trials", "6",
-             "--score-images", "200", "--top", "2", "--seed", "0", "--quiet", "--out", str(run_dir)])
+             "--top", "2", "--seed", "0", "--quiet", "--out", str(run_dir)])
     budget = parent_macs() // 2
+    assert "score_images: 1000\n" in (run_dir / "search.yaml").read_text()  # the frozen strategy's default
     frame = pd.read_csv(run_dir / "trials.csv")
     scored = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
     assert len(scored) == 6 and (scored["flops"] <= budget).all() and scored["val_acc"].between(0, 1).all()
@@ -159,7 +160,8 @@ def test_a_layers_search_on_a_frozen_parent(tiny_parent, tmp_path, capsys):
     best = sorted((run_dir / "best").glob("*.yaml"))
     assert len(best) == 2 and all(count_flops(load_config(p)) <= budget for p in best)
     summary = (run_dir / "summary.md").read_text()
-    assert "frozen parent" in summary and "ToMe's constant r" in summary and "against the reference" in summary
+    assert "frozen parent" in summary and "on the first 1000 validation images" in summary
+    assert "ToMe's constant r" in summary and "against the reference" in summary
     assert "speed at batch 1" in summary and "speed at batch 256" in summary
     assert "re-ranking: not asked for (no --finetune-epochs" in summary
     assert "hand-set directions" in summary  # the sampler starts from the space's published rules, in order

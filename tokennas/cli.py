@@ -177,8 +177,8 @@ def search(
                                         "weights for this many epochs (0: train from scratch, --retrain-epochs); "
                                         "frozen, differentiable: fine-tune the top K from the parent's weights (0: no "
                                         "re-ranking)."),
-    score_images: int = typer.Option(2000, help="oneshot, frozen, differentiable: validation images each candidate "
-                                     "is scored on."),
+    score_images: int | None = typer.Option(None, help="oneshot, frozen, differentiable: validation images each "
+                                            "candidate is scored on [default: 1000 for frozen, else 2000]."),
     diff_steps: int = typer.Option(200, help="differentiable: optimisation steps of the per-block rates, each on a "
                                    "batch of --batch-size training images."),
     diff_lr: float = typer.Option(0.05, help="differentiable: Adam's learning rate on the rates' logits, "
@@ -201,6 +201,10 @@ def search(
         if space is None or flops is None:
             raise ValueError("--space and --flops are required (or --resume RUN_DIR)")
         resolved, notice = with_defaults(options)
+        if resolved["score_images"] is None:  # the strategy's own default
+            from .search.strategies import get_strategy
+
+            resolved["score_images"] = get_strategy(resolved["strategy"]).score_images
         if notice:
             console.print(notice)
         run_dir = run_search(SearchSettings(**resolved), out=out, progress=not quiet)

@@ -22,6 +22,7 @@ class Strategy(Protocol):
     evaluated: str  # how a candidate's search accuracy is obtained, in the summary's words: "trained", "scored"
     options: tuple[str, ...]  # settings only this strategy reads; another strategy refuses them
     no_retrain: str  # why there is no re-ranking when ``retrain_epochs`` is 0, in the summary's words
+    score_images: int  # the default of --score-images under this strategy (SearchSettings' when it scores nothing)
 
     def validate(self, settings: SearchSettings) -> None:
         """Its options, in form only (no I/O): a ``ValueError`` naming the first bad one."""

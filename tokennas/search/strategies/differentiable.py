@@ -232,6 +232,7 @@ def candidates(rates: pd.DataFrame, space, inputs, count: int) -> list[dict[str,
 
 class Differentiable(Frozen):
     name = "differentiable"
+    score_images = SearchSettings.score_images  # its benchmarks (RESULTS.md) score on 2,000 images
     options = ("parent", "finetune_epochs", "score_images", "diff_steps", "diff_lr")
 
     spaces_why = "rates learned on one trained parent"

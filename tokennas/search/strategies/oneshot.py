@@ -206,6 +206,7 @@ class OneShot:
     # scoring costs about a second, so a sampler stuck on repeats (TPE converging on a region whose parameters build
     # a few configs) costs more than the scoring: an untried feasible candidate is scored after 4 misses in a row
     stall = 4
+    score_images = SearchSettings.score_images
     evaluated = "scored"
     options = ("parent", "supernet_epochs", "finetune_epochs", "score_images")
     no_retrain = ""  # its re-ranking runs are at least one epoch long (--retrain-epochs >= 1)

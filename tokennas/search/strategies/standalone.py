@@ -23,6 +23,7 @@ class Standalone:
     evaluated = "trained"
     options: tuple[str, ...] = ()
     no_retrain = ""  # its re-ranking runs are at least one epoch long (--retrain-epochs >= 1)
+    score_images = SearchSettings.score_images  # not read
 
     def validate(self, settings: SearchSettings) -> None:
         pass
