@@ -64,7 +64,9 @@ def test_before_the_first_epoch_the_eta_comes_from_the_macs_at_the_measured_spee
     assert 1e5 < rate < 1e14  # MACs per second of a real forward and backward, on any machine
     table = LiveTable(None, SimpleNamespace(space="psvit", flops="4G", epochs=3), remaining=4, enabled=False,
                       epoch_work=0.5)
-    assert table.eta_text() == ""  # no trial yet: nothing to go by
+    assert table.eta_text() == ""  # no trial yet and no budget: nothing to go by
+    table.searcher = SimpleNamespace(budget=40, max_epochs=3)  # before a trial starts: each at most the budget
+    assert table.eta_text() == ", ETA at most ~4m (from the budget, until a trial starts)"  # 4 x 3 x 40 x 0.5 s
     table.rows = {"a": rows[0], "b": rows[1]}
     assert table.eta_text() == ", ETA ~2m (from MACs, until an epoch is timed)"
     table.epoch_seconds = [10.0]  # a timed epoch replaces the estimate

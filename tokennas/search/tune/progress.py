@@ -25,8 +25,9 @@ class LiveTable(Callback):
         self.rows: dict[str, dict[str, Any]] = {}
         self.epoch_seconds: list[float] = []  # every epoch timed so far in this stage, for the ETA
         self.started = time.monotonic()
-        self.live = Live(self.render(), console=Console(stderr=True), refresh_per_second=2,
-                         transient=False) if enabled else None
+        # rendered afresh at each refresh: the clock and the estimate move before any trial reports
+        self.live = Live(console=Console(stderr=True), refresh_per_second=2, transient=False,
+                         get_renderable=self.render) if enabled else None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "live": None, "searcher": None}  # Ray pickles callbacks; a display is not state
@@ -51,7 +52,7 @@ class LiveTable(Callback):
                             f"{self.eta_text()}")
         for column in ("trial", "role", "state", "FLOPs", "epoch", "val_acc"):
             table.add_column(column, justify="right" if column != "state" else "left")
-        for row in self.rows.values():
+        for row in list(self.rows.values()):  # a snapshot: Ray's callbacks add rows while the display refreshes
             acc = f"{row['val_acc']:.4f}" if row.get("val_acc") is not None else "-"
             table.add_row(str(row["number"]), row["role"], row["state"], format_flops(row["flops"]),
                           str(row.get("epoch", 0)), acc)
@@ -62,8 +63,12 @@ class LiveTable(Callback):
         epochs = getattr(self.searcher, "max_epochs", None) or self.settings.epochs
         seconds = eta_seconds(self.rows.values(), self.remaining, epochs, self.epoch_seconds)
         if seconds is None and self.epoch_work and self.rows:
-            seconds = eta_from_macs(self.rows.values(), self.remaining, epochs, self.epoch_work)
+            seconds = eta_from_macs(list(self.rows.values()), self.remaining, epochs, self.epoch_work)
             return f", ETA ~{format_duration(seconds)} (from MACs, until an epoch is timed)"
+        budget = getattr(self.searcher, "budget", None)
+        if seconds is None and self.epoch_work and budget:  # no trial yet: every one costs at most the budget
+            seconds = self.remaining * epochs * budget * self.epoch_work
+            return f", ETA at most ~{format_duration(seconds)} (from the budget, until a trial starts)"
         return "" if seconds is None else f", ETA {format_duration(seconds)}"
 
     def _update(self, trial: Any, **changes: Any) -> None:
