@@ -101,7 +101,7 @@ class RunStorage(optuna.storages.RDBStorage):
     """Optuna's ``RDBStorage`` on a run folder's ``study.db``, with SQLite in write-ahead-log mode and
     ``synchronous=NORMAL``. Optuna commits once per asked parameter (about 33 commits for a ``layers`` proposal);
     with the default rollback journal each commit is an fsync (20 ms on this project's machines, against 0.04 ms in
-    WAL mode: ``benchmarks/bench_proposals.py``). In WAL mode a process that crashes or is killed loses nothing it
+    WAL mode: benchmarks/RESULTS.md, `make search`). In WAL mode a process that crashes or is killed loses nothing it
     committed; a power cut may lose the last commits, never the file (SQLite's documented guarantee). The log lives
     beside the file (``study.db-wal``, ``study.db-shm``) while a process has the study open. WAL needs a local
     file system: a study shared over a network folder belongs in ``--storage postgresql://...``."""
