@@ -61,9 +61,10 @@ class LiveTable(Callback):
     def eta_text(self) -> str:
         # a trial not started yet runs the stage's epochs (the searcher's: --retrain-epochs when re-ranking)
         epochs = getattr(self.searcher, "max_epochs", None) or self.settings.epochs
-        seconds = eta_seconds(self.rows.values(), self.remaining, epochs, self.epoch_seconds)
-        if seconds is None and self.epoch_work and self.rows:
-            seconds = eta_from_macs(list(self.rows.values()), self.remaining, epochs, self.epoch_work)
+        rows = list(self.rows.values())  # a snapshot: the display thread calls this while callbacks add rows
+        seconds = eta_seconds(rows, self.remaining, epochs, list(self.epoch_seconds))
+        if seconds is None and self.epoch_work and rows:
+            seconds = eta_from_macs(rows, self.remaining, epochs, self.epoch_work)
             return f", ETA ~{format_duration(seconds)} (from MACs, until an epoch is timed)"
         budget = getattr(self.searcher, "budget", None)
         if seconds is None and self.epoch_work and budget:  # no trial yet: every one costs at most the budget
