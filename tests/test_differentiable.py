@@ -48,6 +48,22 @@ def test_expected_macs_equal_the_closed_form_at_whole_counts():
         assert differentiable.expected_macs(config, *zip(*counts, strict=True)).item() == count_flops(config)
 
 
+def test_tokens_from_the_rounded_expected_count_on_are_removed_outright():
+    """DiffRate's hard removal: of 8 tokens whose count is 2, 3 or 4 with probabilities 0.3, 0.4, 0.3 (expected 3),
+    the 3 first in the sort order keep their soft weights (1, 1, 0.7) and the other 5 weigh exactly 0, though 0.3 of
+    the mass keeps a fourth; the loss reaches the logits through the soft weights."""
+    logits = torch.full((8,), -1e9)
+    logits[1:4] = torch.tensor([0.3, 0.4, 0.3]).log()  # candidate j keeps j + 1 tokens
+    logits.requires_grad_(True)
+    key = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4]])  # descending order: tokens 1, 4, 6, then the rest
+    masks = differentiable._keep_masks(logits, key, descending=True)
+    expected = torch.zeros(8)
+    expected[[1, 4, 6]] = torch.tensor([1.0, 1.0, 0.7])
+    assert torch.allclose(masks[0], expected, atol=1e-6)
+    masks.sum().backward()  # d(0.7)/d(logit of count 2) = -0.3 * 0.7
+    assert logits.grad[1].item() == pytest.approx(-0.21, abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def tiny_parent(tmp_path_factory):
     """A 4-block ViT at 16px (16 patch tokens) trained for one epoch on 600 images: seconds."""

@@ -10,7 +10,8 @@ learned by gradient on the frozen parent, in the spirit of DiffRate (Chen et al.
    the parent's patch tokens). The patch tokens are sorted by importance for pruning (the class token's attention in
    that block) and by similarity for merging (the cosine similarity of their keys to their closest other token, least
    similar first); a token at sorted position i is kept with the probability that the count exceeds i (the mass of
-   the candidates above i), so the loss reaches the logits through these soft masks. Removed weight is masked out of
+   the candidates above i), and removed outright from the rounded expected count on; the loss reaches the logits
+   through the soft masks of the tokens within the count. Removed weight is masked out of
    the attention of later blocks (DiffRate's attention masking, here as ``log(size)`` added to the keys' logits,
    ToMe's proportional attention); merged weight moves into its most similar token, whose features become the
    size-weighted mean. The loss is the cross-entropy on the labels plus ``PENALTY * (E[MACs] / budget - 1) ** 2``,
@@ -29,8 +30,10 @@ learned by gradient on the frozen parent, in the spirit of DiffRate (Chen et al.
 those rows, written atomically every ``CHECKPOINT_EVERY`` steps and at the end: ``--resume`` goes on from it, and a
 finished learning is not done again.
 
-Where it differs from DiffRate: the relaxation keeps every token in the forward pass (DiffRate removes the tokens
-beyond the rounded expected count and masks the rest), which is affordable at the parent's size; merging is relaxed
+As in DiffRate, the tokens from the rounded expected count on are removed outright (their mask is 0: pruned, or
+merged whole into their partner), so the soft forward pass sees what the exported schedule will run, and only the
+tokens within the count are weighed by their soft masks. Where it differs from DiffRate: the removed tokens stay in
+the tensors with zero weight (affordable at the parent's size) instead of being cut out; merging is relaxed
 by moving weight to each token's most similar token rather than by ToMe's bipartite matching on alternate tokens
 (the learned rates are run with ToMe's matching afterwards); the merge candidates are capped at half of the expected
 survivors (the bipartite limit the hard schedule has); the learned counts become a direction that the space projects
@@ -83,8 +86,13 @@ def expected_macs(config, tokens_in, pruned, kept) -> torch.Tensor:
 
 
 def _keep_masks(logits: torch.Tensor, key: torch.Tensor, descending: bool) -> torch.Tensor:
-    """(B, n): each token's probability of being kept, the candidate counts' mass above its sorted position."""
-    above = logits.softmax(-1).flip(-1).cumsum(-1).flip(-1)  # [i]: P(count > i), candidate j keeps j + 1 tokens
+    """(B, n): each token's probability of being kept, the candidate counts' mass above its sorted position; 0 from
+    the rounded expected count on (DiffRate's hard removal: those tokens are gone, as in the exported schedule)."""
+    probs = logits.softmax(-1)
+    above = probs.flip(-1).cumsum(-1).flip(-1)  # [i]: P(count > i), candidate j keeps j + 1 tokens
+    positions = torch.arange(len(above), device=above.device)
+    expected = (probs * (positions + 1)).sum().detach()
+    above = above * (positions < expected.round()).to(above.dtype)
     order = key.argsort(dim=-1, descending=descending)
     return torch.zeros_like(key).scatter(1, order, above.expand_as(key).to(key.dtype))
 
