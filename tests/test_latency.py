@@ -1,6 +1,6 @@
 """The latency model: block plans as the model builds them, predictions against the measured forward of the real
-ScheduleViT on this machine, and the cache (reused, measured again for another machine key or batch, never trusted
-when corrupt).
+ScheduleViT on this machine, the cache (reused, measured again for another machine key or batch, never trusted
+when corrupt), and the search's latency objective and budget (frozen strategy).
 
 The tests run torch on one thread (on a busy CPU two threads wait for each other for whole time slices) and the
 timed ones count this process's CPU time (``clock="cpu"``, as ``tokennas.speed`` offers for a shared machine): the wall
@@ -11,11 +11,13 @@ import json
 import random
 import statistics
 
+import pandas as pd
 import pytest
 import torch
 
 from tokennas import count_flops
-from tokennas.config import build_model
+from tokennas.cli import main
+from tokennas.config import build_model, load_config
 from tokennas.latency import block_plans, cache_key, cache_path, default_cache_dir, latency_model, read_cached
 from tokennas.models.layers import TokenDrop, TokenMerge, TokenPrune, TokenPruneMerge
 from tokennas.models.schedule_vit import ScheduleViTConfig
@@ -172,3 +174,71 @@ def test_the_default_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
     assert len(list((tmp_path / "xdg" / "tokennas" / "latency").glob("*.json"))) == 1
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir().parts[-3:] == (".cache", "tokennas", "latency")
+
+
+# -- the search objective (frozen strategy, layers space) --
+@pytest.fixture(scope="module")
+def tiny_parent(tmp_path_factory):
+    """The 4-block ViT of ``TRUNK`` trained for one epoch on 600 images (as tests/test_layers.py's): seconds."""
+    folder = tmp_path_factory.mktemp("parent")
+    (folder / "vit.yaml").write_text("family: schedule_vit\n" + "".join(f"{k}: {v}\n" for k, v in TRUNK.items()))
+    main_ok(["train", str(folder / "vit.yaml"), "--epochs", "1", "--train-subset", "600", "--out",
+             str(folder / "run")])
+    return folder / "run" / "checkpoint.pt"
+
+
+def main_ok(argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+
+
+def test_a_pareto_latency_search_keeps_the_latency_budget(tiny_parent, tmp_path, monkeypatch):
+    """`--objective pareto-latency --latency X`: every proposal's latency is predicted by the model measured here
+    (read from its cache, the one this test measured first), a proposal predicted over X is infeasible, and every
+    exported schedule is predicted within X; trials.csv and the ranking name the column by its batch size, and the
+    measured speed table stays as the check."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = latency_model(ScheduleViTConfig(**TRUNK), 1)  # what the search will read from the cache
+    predicted = sorted(model.predict(c) * 1e3 for c in layers_schedules((0.5,) * 8, seed=3))
+    limit = round(predicted[len(predicted) // 2], 3)  # about half the random schedules at 50% MACs fit
+    run_dir = tmp_path / "run"
+    main_ok(["search", "--space", "layers", "--parent", str(tiny_parent), "--flops", "50%", "--objective",
+             "pareto-latency", "--latency", str(limit), "--trials", "5", "--score-images", "200", "--top", "3",
+             "--seed", "0", "--quiet", "--out", str(run_dir)])
+    frame = pd.read_csv(run_dir / "trials.csv")
+    column = "predicted_latency_ms_batch1"
+    candidates = frame[frame["role"] == "candidate"]
+    assert candidates[column].notna().all()
+    over = candidates[(candidates[column] > limit) & (candidates["flops"] <= 0.5 * count_flops(
+        ScheduleViTConfig(**TRUNK)))]
+    assert len(over) and (over["state"] == "INFEASIBLE").all()  # within the MACs, over the latency: infeasible
+    scored = candidates[candidates["state"] == "COMPLETE"]
+    assert len(scored) == 5 and (scored[column] <= limit).all()
+    best = sorted((run_dir / "best").glob("*.yaml"))
+    assert len(best) == 3
+    for path in best:
+        assert model.predict(load_config(path)) * 1e3 <= limit
+    assert column in pd.read_csv(run_dir / "ranking.csv").columns
+    timed = [line.split(" | ")[0].strip("| ") for line in (run_dir / "summary.md").read_text().splitlines()
+             if line.startswith("| trial ") or line.startswith("| reference ")]
+    assert set(timed) == {f"trial {p.name.split('-')[1][5:]}" for p in best} | {"reference"}  # what is exported
+    summary = (run_dir / "summary.md").read_text()
+    assert f"and {limit:g} ms at batch 1" in summary and "pareto-latency (accuracy up, predicted ms" in summary
+    assert "predicted ms at batch 1 (measured)" in summary and "speed at batch 256" in summary
+    assert "read from its cache" in summary
+
+
+def test_latency_options_are_refused_outside_the_frozen_strategy(tmp_path, capsys):
+    for argv, message in (
+        (["--space", "psvit", "--flops", "30M", "--objective", "pareto-latency"],
+         "invalid --objective pareto-latency for --strategy standalone; expected acc or pareto"),
+        (["--space", "psvit", "--flops", "30M", "--latency", "5"], "--latency needs --strategy frozen"),
+        (["--space", "psvit", "--flops", "30M", "--latency-batch", "8"], "--latency-batch needs --strategy frozen"),
+        (["--space", "layers", "--parent", "fmnist-vit", "--flops", "50%", "--latency", "-1"], "invalid --latency -1"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["search", *argv, "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "run").exists()

@@ -233,6 +233,12 @@ class LatencyModel:
         u = _share(*(merge_corners(n) if kind == "merge" else drop_corners(n)), plan.keep)
         return at(lambda row: row[0]) * (1 - u) + at(lambda row: row[1]) * u
 
+    def record(self) -> dict[str, Any]:
+        """What a search records of the model it predicted with: batch, clock, machine, the parent's measured
+        milliseconds, how long measuring took and whether the model was read from the cache."""
+        return {"batch": self.batch, "clock": self.clock, "machine": self.machine,
+                "parent_ms": self.parent_seconds * 1e3, "measure_seconds": self.measure_seconds, "cached": self.cached}
+
     def to_dict(self) -> dict[str, Any]:
         """Every field but ``cached``, as JSON takes it."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cached"}
@@ -254,7 +260,7 @@ def _steps(trunk: dict[str, Any], batch: int, grid: list[int], reduction_grid: d
             N = n + prefix
             x = torch.randn(batch, N, D, device=device)
             size = torch.rand(batch, N, 1, device=device) + 1
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 qkv = block.attn.qkv(block.norm1(x)).reshape(batch, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
             q, k, _ = qkv.unbind(0)
             attn = torch.randn(batch, heads, N, N, device=device).softmax(-1)
