@@ -14,6 +14,7 @@ import statistics
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TRUNK
 
 from tokennas import count_flops
 from tokennas.cli import main
@@ -25,8 +26,7 @@ from tokennas.spaces import Inputs
 from tokennas.spaces.layers import LayersSpace
 from tokennas.speed import forward_step, interleaved
 
-TRUNK = {"img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 2, "embed_dim": 32, "depth": 4,
-         "num_heads": 1}
+TRUNK = TINY_TRUNK  # the trunk of conftest's tiny_parent
 INPUTS = Inputs(16, 1, 10)
 SMALL = ScheduleViTConfig(img_size=8, in_chans=1, num_classes=10, patch_size=2, embed_dim=16, depth=2, num_heads=1)
 QUICK = {"points": 4, "rounds": 3, "clock": "cpu"}  # cache tests: what is measured matters, not how well
@@ -177,16 +177,6 @@ def test_the_default_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
 
 
 # -- the search objective (frozen strategy, layers space) --
-@pytest.fixture(scope="module")
-def tiny_parent(tmp_path_factory):
-    """The 4-block ViT of ``TRUNK`` trained for one epoch on 600 images (as tests/test_layers.py's): seconds."""
-    folder = tmp_path_factory.mktemp("parent")
-    (folder / "vit.yaml").write_text("family: schedule_vit\n" + "".join(f"{k}: {v}\n" for k, v in TRUNK.items()))
-    main_ok(["train", str(folder / "vit.yaml"), "--epochs", "1", "--train-subset", "600", "--out",
-             str(folder / "run")])
-    return folder / "run" / "checkpoint.pt"
-
-
 def main_ok(argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
