@@ -8,6 +8,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TRUNK
 
 from tokennas import count_flops
 from tokennas.cli import main
@@ -18,8 +19,7 @@ from tokennas.spaces import Inputs
 from tokennas.spaces.layers import LayersSpace, tome_schedule
 from tokennas.speed import throughput_against
 
-TRUNK = {"img_size": 16, "in_chans": 1, "num_classes": 10, "patch_size": 2, "embed_dim": 32, "depth": 4,
-         "num_heads": 1}
+TRUNK = TINY_TRUNK  # the trunk of conftest's tiny_parent
 INPUTS = Inputs(16, 1, 10)
 
 
@@ -126,16 +126,6 @@ def test_throughput_against_a_reference_is_measured_per_batch():
     # the parent against itself: the paired ratios straddle 1 (not the contender's own step timed twice)
     same = [r for r in rows if r["name"] == "reference"]
     assert all(r["images_per_s"] != r["reference_images_per_s"] for r in same)
-
-
-@pytest.fixture(scope="module")
-def tiny_parent(tmp_path_factory):
-    """A 4-block ViT at 16px (64 patch tokens) trained for one epoch on 600 images: seconds."""
-    folder = tmp_path_factory.mktemp("parent")
-    (folder / "vit.yaml").write_text("family: schedule_vit\n" + "".join(f"{k}: {v}\n" for k, v in TRUNK.items()))
-    main_ok(["train", str(folder / "vit.yaml"), "--epochs", "1", "--train-subset", "600", "--out",
-             str(folder / "run")])
-    return folder / "run" / "checkpoint.pt"
 
 
 def main_ok(argv):

@@ -149,3 +149,20 @@ def test_report_page_in_chromium(run_dir, infeasible, tmp_path_factory):
     assert len(apart) == 2 and {"acc" in trace["axis"] for trace in apart} == {False}
     assert numbers <= set(apart[0]["x"]) | set(apart[1]["x"]) and flops <= set(apart[0]["x"]) | set(apart[1]["x"])
     assert label in text  # in the rendered legend
+
+
+@pytest.mark.parametrize("objective,cost", [("pareto", "flops"), ("pareto-latency", "predicted_latency_ms_batch1")])
+def test_without_re_ranking_the_pareto_ranking_puts_the_search_front_first(objective, cost):
+    """Nothing re-ranked: the exported order is the front of the search's accuracy against the cost (FLOPs, or
+    predicted latency), as ``ranked`` orders the schedules the frozen strategy times, not accuracy alone."""
+    import optuna
+
+    from tokennas.report.tables import final_ranking, ranked, retrain_table
+
+    frame = pd.DataFrame({"number": pd.array([0, 1, 2], dtype="Int64"), "role": "candidate", "state": "COMPLETE",
+                          "flops": [30, 10, 40], "params": 1, "val_acc": [0.9, 0.8, 0.85], "epochs": 0})
+    if cost != "flops":
+        frame[cost], frame["flops"] = [3.0, 1.0, 4.0], 5  # the same front, on the predicted latency
+    ranking = final_ranking(frame, retrain_table(optuna.create_study()), objective)  # no re-ranking runs
+    assert list(ranking["number"]) == [0, 1, 2] == list(ranked(frame, objective)["number"])
+    assert list(ranking["pareto"]) == [True, True, False]

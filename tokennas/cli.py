@@ -115,7 +115,9 @@ def search(
                                      "also a share of the parent's MACs, e.g. 50%."),
     trials: int = typer.Option(12, help="Candidates to train; over-budget, repeated and failed proposals don't count."),
     epochs: int = typer.Option(3, help="Training epochs per candidate (ASHA may stop weak ones sooner)."),
-    objective: str = typer.Option("acc", help="acc: best validation accuracy; pareto: accuracy up, FLOPs down."),
+    objective: str = typer.Option("acc", help="acc: best validation accuracy; pareto: accuracy up, FLOPs down; "
+                                  "pareto-latency (frozen strategy): accuracy up, predicted latency at "
+                                  "--latency-batch down."),
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe, nsga2, random or cmaes (CMA-ES over continuous "
                                 "parameters: the layers space's rates)."),
     scheduler: str = typer.Option("asha", help="asha (early stopping after the warm-up) or fifo (none)."),
@@ -183,6 +185,12 @@ def search(
                                    "batch of --batch-size training images."),
     diff_lr: float = typer.Option(0.05, help="differentiable: Adam's learning rate on the rates' logits, "
                                   "cosine-annealed to 0."),
+    latency: float | None = typer.Option(None, help="frozen: hard latency budget, milliseconds per forward of "
+                                         "--latency-batch images, as predicted by a latency model of the parent "
+                                         "measured on this machine (cached); a proposal predicted slower is "
+                                         "infeasible, as one over --flops."),
+    latency_batch: int = typer.Option(1, help="frozen: the batch size --latency and --objective pareto-latency "
+                                      "predict the latency at."),
 ) -> None:
     """Search a space under a FLOPs budget: Optuna proposes, Ray Tune trains, the best are re-ranked on more
     seeds against the uniform baseline, reports come out."""

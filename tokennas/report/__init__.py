@@ -17,7 +17,7 @@ from ..search.studies.storage import open_run_study
 from ..train import write_atomic
 from .export import export_best
 from .page import write_html
-from .plots import plot_pareto, rates_figure, write_mosaic
+from .plots import cost_axis, plot_pareto, rates_figure, write_mosaic
 from .summary import schedule_lines, summary_markdown
 from .tables import final_ranking, retrain_table, trial_table
 from .write import write_text
@@ -36,28 +36,32 @@ def write_reports(run_dir: Path) -> None:
     for name, table in (("trials.csv", frame), ("retrain.csv", retrained), ("ranking.csv", ranking)):
         write_atomic(run_dir / name, lambda tmp, t=table: t.to_csv(tmp, index=False))
     best = export_best(study, settings.objective, settings.top, run_dir / "best", epochs)
-    plot_pareto(frame, settings.budget, run_dir / "pareto.png", ranking)
+    axis = cost_axis(settings, frame)  # MACs, or the predicted latency with --objective pareto-latency
+    plot_pareto(frame, settings.budget, run_dir / "pareto.png", ranking, axis)
     mosaic = run_dir / "mosaic.png" if write_mosaic(settings, study, frame, run_dir / "mosaic.png") else None
     baseline = study.user_attrs.get("baseline", {"config": None, "note": "not recorded"})
     summary = summary_markdown(settings, frame, ranking, best, baseline, strategy.describe(settings, run_dir),
                                strategy.evaluated, epochs, study.user_attrs.get("stages", {}),
-                               _schedules(study, frame, baseline, strategy.evaluated))
+                               _schedules(study, frame, baseline, strategy.evaluated),
+                               study.user_attrs.get("latency"))
     rates = run_dir / "rates.csv"  # the differentiable strategy's learning
     extra = [("Learned rates over training (rates.csv)", rates_figure(pd.read_csv(rates), settings.budget))] \
         if rates.is_file() else []
     write_html(study, frame, settings.objective, settings.budget,
                f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html", mosaic,
-               ranking, summary, extra)
+               ranking, summary, extra, axis)
     write_text(run_dir / "summary.md", summary)
 
 
 def _schedules(study, frame, baseline: dict, evaluated: str) -> list[str]:
-    """The measured speed of the exported schedules (frozen strategy), when the run recorded it."""
+    """The measured speed of the exported schedules (frozen strategy), when the run recorded it, beside their
+    predicted latency when the run predicted one."""
     speed = study.user_attrs.get("speed")
     if not speed:
         return []
-    configs = {f"trial {t.number}": t.user_attrs["config"] for t in study.get_trials(deepcopy=False)
-               if "config" in t.user_attrs}
+    trials = study.get_trials(deepcopy=False)
+    configs = {f"trial {t.number}": t.user_attrs["config"] for t in trials if "config" in t.user_attrs}
+    predicted = {f"trial {t.number}": t.user_attrs["latency_ms"] for t in trials if "latency_ms" in t.user_attrs}
     accs = {f"trial {int(r.number)}": r.val_acc for r in frame[frame["role"] == "candidate"].itertuples()
             if r.val_acc == r.val_acc}
     if baseline.get("config"):
@@ -65,4 +69,6 @@ def _schedules(study, frame, baseline: dict, evaluated: str) -> list[str]:
         ref = frame[(frame["role"] == "baseline") & (frame["state"] == "COMPLETE")]
         if len(ref):
             accs["reference"] = float(ref["val_acc"].iloc[0])
-    return schedule_lines(speed, configs, accs, evaluated)
+    latency = study.user_attrs.get("latency")
+    return schedule_lines(speed, configs, accs, evaluated, predicted if latency else None,
+                          latency["batch"] if latency else None)

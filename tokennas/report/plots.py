@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ from optuna.trial import TrialState
 from ..config import config_from_dict
 from ..flops import format_flops
 from ..search.studies import study as S
-from .tables import pareto_mask, ranked
+from .tables import latency_column, pareto_mask, ranked
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,14 +27,46 @@ NOT_TRAINED = {"INFEASIBLE": ("over budget, not trained", "#d62728"),
                "WITHDRAWN": ("withdrawn (another driver's turn)", "#bcbd22")}
 
 
-def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None = None) -> Figure:
+@dataclasses.dataclass(frozen=True)
+class CostAxis:
+    """What the accuracy figures put on their x axis: the MACs, or the predicted latency of a ``pareto-latency``
+    run; the budget on that axis (None: none) and how the budget line is labelled."""
+
+    column: str = "flops"
+    label: str = "FLOPs (multiply-accumulates per image)"
+    short: str = "FLOPs (MACs)"
+    budget: float | None = None
+    budget_text: str = ""
+    log: bool = True
+
+
+def flops_axis(budget: int) -> CostAxis:
+    return CostAxis(budget=budget, budget_text=f"budget {format_flops(budget)}")
+
+
+def cost_axis(settings, frame: pd.DataFrame) -> CostAxis:
+    """MACs against the ``--flops`` budget; with ``--objective pareto-latency``, the predicted latency (ms per forward
+    at ``--latency-batch`` images) against ``--latency`` (when given)."""
+    column = latency_column(frame) if settings.objective == "pareto-latency" else None
+    if column is None:
+        return flops_axis(settings.budget)
+    label = f"predicted latency (ms per forward of {settings.latency_batch} image{'s' * (settings.latency_batch > 1)})"
+    return CostAxis(column, label, f"predicted ms at batch {settings.latency_batch}", settings.latency,
+                    f"budget {settings.latency:g} ms" if settings.latency else "", log=False)
+
+
+def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None = None,
+                  axis: CostAxis | None = None) -> Figure:
     """Feasible trials, the Pareto front, the budget line, the baseline and the re-ranked candidates (mean and
-    spread over seeds); the over-budget proposals, which have no accuracy, as ticks on a strip underneath."""
+    spread over seeds); the over-budget proposals, which have no accuracy, as ticks on a strip underneath. The x axis
+    is ``axis`` (default: the MACs against ``budget``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    axis = axis or flops_axis(budget)
+    x = axis.column
     candidates, baseline = frame[frame["role"] == "candidate"], frame[frame["role"] == "baseline"]
     done = candidates[candidates["state"] == "COMPLETE"]
     pruned = candidates[(candidates["state"] == "PRUNED") & candidates["val_acc"].notna()]
@@ -41,40 +74,43 @@ def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None
     if len(infeasible):
         fig, (ax, strip) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.2), dpi=120,
                                         gridspec_kw={"height_ratios": [7, 1]})
-        strip.scatter(infeasible["flops"], [0] * len(infeasible), marker="|", s=300,
+        strip.scatter(infeasible[x], [0] * len(infeasible), marker="|", s=300,
                       color=NOT_TRAINED["INFEASIBLE"][1], alpha=0.6)
-        strip.axvline(budget, color="black", ls="--", lw=1)
+        if axis.budget is not None:
+            strip.axvline(axis.budget, color="black", ls="--", lw=1)
         strip.set_yticks([])
         strip.set_ylabel(f"over budget,\nnot trained ({len(infeasible)})", rotation=0, ha="right", va="center",
                          fontsize=8)
-        strip.set_xlabel("FLOPs (multiply-accumulates per image)")
+        strip.set_xlabel(axis.label)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-        ax.set_xlabel("FLOPs (multiply-accumulates per image)")
+        ax.set_xlabel(axis.label)
     if len(pruned):
-        ax.scatter(pruned["flops"], pruned["val_acc"], color="tab:gray", alpha=0.6, label="stopped early (ASHA)")
+        ax.scatter(pruned[x], pruned["val_acc"], color="tab:gray", alpha=0.6, label="stopped early (ASHA)")
     if len(done):
-        front = done[pareto_mask(done)].sort_values("flops")
+        front = done[pareto_mask(done, cost=x)].sort_values(x)
         shared = "scored" in done and (done["scored"] == "shared weights").all()
-        ax.scatter(done["flops"], done["val_acc"], color="tab:blue",
+        ax.scatter(done[x], done["val_acc"], color="tab:blue",
                    label="scored on shared weights" if shared else "trained")
-        ax.step(front["flops"], front["val_acc"], where="post", color="tab:orange", lw=2, label="Pareto front")
-        ax.scatter(front["flops"], front["val_acc"], color="tab:orange", zorder=3)
-    base = baseline[baseline["val_acc"].notna()]
+        ax.step(front[x], front["val_acc"], where="post", color="tab:orange", lw=2, label="Pareto front")
+        ax.scatter(front[x], front["val_acc"], color="tab:orange", zorder=3)
+    base = baseline[baseline["val_acc"].notna() & baseline[x].notna()]  # the baseline's latency is not predicted
     if len(base):
         shared = "scored" in base and (base["scored"] == "shared weights").all()
-        ax.scatter(base["flops"], base["val_acc"], marker="*", s=160, color="tab:green", zorder=4,
+        ax.scatter(base[x], base["val_acc"], marker="*", s=160, color="tab:green", zorder=4,
                    label="uniform baseline (" + ("on shared weights" if shared else "search fidelity") + ")")
     again = ranking[ranking["retrained"]] if ranking is not None and len(ranking) else None
     if again is not None and len(again):
         for role, color, label in (("candidate", "tab:purple", "re-ranked: mean ± sd"),
                                    ("baseline", "tab:green", "baseline re-trained: mean ± sd")):
-            part = again[again["role"] == role]
+            part = again[(again["role"] == role) & again[x].notna()]
             if len(part):
-                ax.errorbar(part["flops"], part["val_acc_mean"], yerr=part["val_acc_std"].fillna(0), fmt="D",
+                ax.errorbar(part[x], part["val_acc_mean"], yerr=part["val_acc_std"].fillna(0), fmt="D",
                             color=color, mfc="white", capsize=3, zorder=5, label=label)
-    ax.axvline(budget, color="black", ls="--", lw=1, label=f"budget {format_flops(budget)}")
-    ax.set_xscale("log")
+    if axis.budget is not None:
+        ax.axvline(axis.budget, color="black", ls="--", lw=1, label=axis.budget_text)
+    if axis.log:
+        ax.set_xscale("log")
     ax.set_ylabel("validation accuracy")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
@@ -82,11 +118,12 @@ def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None
     return fig
 
 
-def plot_pareto(frame: pd.DataFrame, budget: int, path: Path, ranking: pd.DataFrame | None = None) -> None:
+def plot_pareto(frame: pd.DataFrame, budget: int, path: Path, ranking: pd.DataFrame | None = None,
+                axis: CostAxis | None = None) -> None:
     """``pareto_figure`` saved as a PNG at ``path``."""
     import matplotlib.pyplot as plt
 
-    fig = pareto_figure(frame, budget, ranking)
+    fig = pareto_figure(frame, budget, ranking, axis)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
@@ -136,36 +173,42 @@ def history_figure(frame: pd.DataFrame) -> PlotlyFigure | str:
     return figure
 
 
-def figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int) -> list[tuple[str, object]]:
-    """Plotly figures for the HTML report, each (title, figure or an explanation string)."""
+def figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int,
+            axis: CostAxis | None = None) -> list[tuple[str, object]]:
+    """Plotly figures for the HTML report, each (title, figure or an explanation string); the accuracy figure's x
+    axis is ``axis`` (default: the MACs against ``budget``)."""
     import plotly.graph_objects as go
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import plot_param_importances
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials" is said in the page itself
     figures: list[tuple[str, object]] = []
+    axis = axis or flops_axis(budget)
+    x = axis.column
     done = frame[(frame["state"] == "COMPLETE") & (frame["role"] == "candidate")]
     scatter, apart = _with_strip(frame, ["INFEASIBLE"])
     for state, color in (("COMPLETE", "#1f77b4"), ("PRUNED", "#7f7f7f")):
         part = frame[(frame["state"] == state) & frame["val_acc"].notna() & (frame["role"] == "candidate")]
-        scatter.add_scatter(x=part["flops"], y=part["val_acc"], mode="markers", name=state.lower(),
+        scatter.add_scatter(x=part[x], y=part["val_acc"], mode="markers", name=state.lower(),
                             marker_color=color, text=[f"trial {n}" for n in part["number"]], row=1, col=1)
     if len(done):
-        front = done[pareto_mask(done)].sort_values("flops")
-        scatter.add_scatter(x=front["flops"], y=front["val_acc"], mode="lines+markers", name="Pareto front",
+        front = done[pareto_mask(done, cost=x)].sort_values(x)
+        scatter.add_scatter(x=front[x], y=front["val_acc"], mode="lines+markers", name="Pareto front",
                             line_shape="hv", marker_color="#ff7f0e", row=1, col=1)
-    base = frame[(frame["role"] == "baseline") & frame["val_acc"].notna()]
+    base = frame[(frame["role"] == "baseline") & frame["val_acc"].notna() & frame[x].notna()]
     if len(base):
-        scatter.add_scatter(x=base["flops"], y=base["val_acc"], mode="markers", name="uniform baseline",
+        scatter.add_scatter(x=base[x], y=base["val_acc"], mode="markers", name="uniform baseline",
                             marker_symbol="star", marker_size=14, marker_color="#2ca02c", row=1, col=1)
-    _draw_apart(scatter, apart, "flops")
-    scatter.add_vline(x=budget, line_dash="dash", annotation_text=f"budget {format_flops(budget)}", row=1, col=1)
-    if len(apart):  # the line again through the strip, to show which side of it the proposals fell
-        scatter.add_vline(x=budget, line_dash="dash", row=2, col=1)
-    scatter.update_xaxes(type="log")
-    scatter.update_xaxes(title_text="FLOPs (MACs)", row=2 if len(apart) else 1, col=1)
+    _draw_apart(scatter, apart, x)
+    if axis.budget is not None:
+        scatter.add_vline(x=axis.budget, line_dash="dash", annotation_text=axis.budget_text, row=1, col=1)
+        if len(apart):  # the line again through the strip, to show which side of it the proposals fell
+            scatter.add_vline(x=axis.budget, line_dash="dash", row=2, col=1)
+    if axis.log:
+        scatter.update_xaxes(type="log")
+    scatter.update_xaxes(title_text=axis.short, row=2 if len(apart) else 1, col=1)
     scatter.update_yaxes(title_text="validation accuracy", row=1, col=1)
-    figures.append(("Accuracy against FLOPs", scatter))
+    figures.append((f"Accuracy against {'FLOPs' if x == 'flops' else 'predicted latency'}", scatter))
     # our own history: Optuna's would draw the over-budget proposals, told to it as value 0, at accuracy 0
     figures.append(("Optimisation history", history_figure(frame)))
     feasible = [t for t in study.trials if t.state == TrialState.COMPLETE and S.trained(t)]

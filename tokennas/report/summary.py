@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..config import config_from_dict
 from ..flops import format_flops
+from .tables import latency_column
 
 
 def _acc(mean, std, seeds) -> str:
@@ -42,14 +43,19 @@ def _retrain_plan_line(settings, evaluated_start: str) -> list[str]:
 
 def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best: list[Path],
                      baseline: dict[str, Any], strategy_lines: list[str], evaluated: str, retrain_epochs: int,
-                     stages: dict[str, Any], extra: list[str] | None = None) -> str:
+                     stages: dict[str, Any], extra: list[str] | None = None,
+                     latency: dict[str, Any] | None = None) -> str:
     """The summary page; ``baseline`` is what the run recorded (``config`` or None, and a ``note``),
-    ``strategy_lines`` the strategy's own description, ``evaluated`` its word for a candidate's search score."""
+    ``strategy_lines`` the strategy's own description, ``evaluated`` its word for a candidate's search score,
+    ``latency`` the latency model the run predicted with (``LatencyModel.record`` and the budget), if any."""
     candidates = frame[frame["role"] == "candidate"]
     counts = candidates["state"].value_counts().to_dict() if len(candidates) else {}
-    lines = [f"# tokennas search: {settings.space} under {settings.flops} MACs", "",
-             f"- objective: {settings.objective}, sampler: {settings.sampler}, scheduler: {settings.scheduler}, "
-             f"seed: {settings.seed}",
+    under = f"{settings.flops} MACs" + (f" and {latency['budget_ms']:g} ms at batch {latency['batch']}"
+                                        if latency and latency.get("budget_ms") else "")
+    lines = [f"# tokennas search: {settings.space} under {under}", "",
+             f"- objective: {_objective(settings.objective, latency)}, sampler: {settings.sampler}, scheduler: "
+             f"{settings.scheduler}, seed: {settings.seed}",
+             *_latency_lines(latency),
              f"- data: {settings.dataset} at {settings.img_size}px, train subset: {settings.train_subset or 'all'}; "
              "every accuracy here is on the validation split carved from the training data (the test split is "
              "never read by a search)",
@@ -65,9 +71,11 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
     failed = candidates[candidates["state"] == "FAIL"]
     if len(failed):
         lines += [f"First failure: trial {failed.iloc[0]['number']}: {failed.iloc[0]['error']}", ""]
+    predicted = latency_column(ranking)
     if len(ranking):
-        lines += ["| rank | trial | val_acc re-ranked (mean ± sd) | re-ranking runs | val_acc in search "
-                  "| FLOPs | params | config |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| rank | trial | val_acc re-ranked (mean ± sd) | re-ranking runs | val_acc in search | FLOPs | "
+                  + (f"predicted ms at batch {latency['batch']} | " if predicted else "") + "params | config |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if predicted else "")]
         shown = ranking[ranking["retrained"] | (ranking["role"] == "candidate")]
         shown = shown[shown["retrained"] | (shown.groupby("role").cumcount() < settings.top)]
         exported = {p.name.split("-")[1]: p for p in best}  # "trialN" -> path
@@ -82,8 +90,10 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
             search_acc = "" if pd.isna(row.search_val_acc) else \
                 f"{row.search_val_acc:.4f} ({_epochs(row.search_epochs, evaluated)})"
             runs = f"{row.seeds} × {_n(int(row.retrain_epochs), 'epoch')} (seeds {row.seed_list})" if row.seeds else ""
+            ms = getattr(row, predicted) if predicted else None
+            cost = f"{format_flops(row.flops)} | " + (f"{'' if pd.isna(ms) else f'{ms:.2f}'} | " if predicted else "")
             lines.append(f"| {position} | {name} | {_acc(row.val_acc_mean, row.val_acc_std, row.seeds)} | {runs} | "
-                         f"{search_acc} | {format_flops(row.flops)} | {row.params / 1e6:.3f}M | {config} |")
+                         f"{search_acc} | {cost}{row.params / 1e6:.3f}M | {config} |")
     else:
         lines.append(f"No candidate was {evaluated} to the end.")
     lines += ["", _baseline_line(frame, baseline, evaluated)]
@@ -101,18 +111,22 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
 
 
 def schedule_lines(speed: list[dict[str, Any]], configs: dict[str, dict[str, Any]], accs: dict[str, float],
-                   evaluated: str) -> list[str]:
+                   evaluated: str, predicted: dict[str, float] | None = None,
+                   latency_batch: int | None = None) -> list[str]:
     """The exported schedules and the reference: patch tokens leaving each block, MACs, search accuracy, and their
     measured speed against the parent (median of paired ratios, interleaved), a schedule slower than the parent
-    flagged."""
+    flagged. ``predicted``: the milliseconds the latency model predicted at ``latency_batch`` (by name), shown beside
+    the measured ones (the median step at that batch, when it was one of the timed batches)."""
     if not speed:
         return []
     table = pd.DataFrame(speed)
+    latency = predicted is not None
     lines = ["", "Schedules against the parent (patch tokens leaving each block; inference speed measured here, "
              "interleaved with the parent, median of paired ratios; > 1x is faster):", "",
              "| schedule | patch tokens per block | MACs | val_acc " + f"({evaluated}) | "
+             + (f"predicted ms at batch {latency_batch} (measured) | " if latency else "")
              + " | ".join(f"speed at batch {b}" for b in sorted(table["batch"].unique())) + " |",
-             "|---|---|---|---|" + "---|" * table["batch"].nunique()]
+             "|---|---|---|---|" + "---|" * (table["batch"].nunique() + latency)]
     for name, rows in table.groupby("name", sort=False):
         config = config_from_dict(configs[name])
         keep = list(getattr(config, "keep_tokens", ()) or ())
@@ -122,9 +136,32 @@ def schedule_lines(speed: list[dict[str, Any]], configs: dict[str, dict[str, Any
             flag = " **SLOWER than the parent**" if row.speedup < 1 else ""
             cells.append(f"{row.speedup:.2f}x ({row.images_per_s:,.0f} img/s){flag}")
         acc = accs.get(name)
+        if latency:
+            at = rows[rows["batch"] == latency_batch]
+            measured = f" ({1e3 * latency_batch / at['images_per_s'].iloc[0]:.2f})" if len(at) else ""
+            cells.insert(0, f"{predicted[name]:.2f}{measured}" if name in predicted else "")
         lines.append(f"| {name} | {tokens} | {format_flops(sum(config.flops_by_module().values()))} | "
                      f"{'' if acc is None else f'{acc:.4f}'} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _objective(objective: str, latency: dict[str, Any] | None) -> str:
+    if objective == "pareto-latency" and latency:
+        return f"pareto-latency (accuracy up, predicted ms per forward at batch {latency['batch']} down)"
+    return objective
+
+
+def _latency_lines(latency: dict[str, Any] | None) -> list[str]:
+    """What the predicted latency rests on: the model's machine, clock and batch, the parent's measured ms."""
+    if not latency:
+        return []
+    machine = latency["machine"]
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores, torch on {machine['threads']} thread(s)"
+    origin = "read from its cache" if latency.get("cached") else f"measured in {latency['measure_seconds']:.0f} s"
+    budget = f"; budget {latency['budget_ms']:g} ms" if latency.get("budget_ms") else ""
+    return [f"- predicted latency: tokennas.latency's model of the parent's trunk at batch {latency['batch']} on "
+            f"{where} ({latency['clock']} clock, torch {machine['torch']}; {origin}; the parent measured at "
+            f"{latency['parent_ms']:.2f} ms){budget}"]
 
 
 def _fallbacks(candidates: pd.DataFrame) -> int:

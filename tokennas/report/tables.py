@@ -43,15 +43,37 @@ def _seconds(t) -> float | None:
     return seconds
 
 
+LATENCY_COLUMN = "predicted_latency_ms_batch"  # + the batch size: trials.csv says what the latency figure is
+
+
+def latency_column(frame: pd.DataFrame) -> str | None:
+    """The predicted-latency column of a trial table (``predicted_latency_ms_batchN``), None when the run predicted
+    no latency."""
+    return next((c for c in frame.columns if c.startswith(LATENCY_COLUMN)), None)
+
+
+def cost_column(frame: pd.DataFrame, objective: str) -> str:
+    """What a Pareto front trades accuracy against: ``flops``, or the predicted latency (``pareto-latency``)."""
+    column = latency_column(frame) if objective == "pareto-latency" else "flops"
+    if column is None:
+        raise ValueError("a pareto-latency run's trial table has no predicted latency column")
+    return column
+
+
 def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.DataFrame:
     """One row per trial of the search stage. ``state`` is Optuna's, except over-budget proposals
     (INFEASIBLE), proposals of an already trained config (REPEAT, ``repeat_of`` names it) and trials cut off
     before their last epoch (INTERRUPTED, asked again on ``--resume``). ``error`` says why a trial failed.
     ``fallback``: an untried feasible candidate handed to the sampler when it stalled, not its own proposal.
-    The uniform baseline's reference run, when given ``runs``, is the row with ``role`` baseline."""
+    The uniform baseline's reference run, when given ``runs``, is the row with ``role`` baseline. A run that
+    predicted latency (``tokennas.latency``) has ``predicted_latency_ms_batchN``: milliseconds per forward of N
+    images, as the model predicted them (the baseline is not predicted)."""
+    latency = study.user_attrs.get("latency")
+    predicted = f"{LATENCY_COLUMN}{latency['batch']}" if latency else None
     rows = []
     for t in study.trials:
         rows.append({"number": t.number, "role": "candidate", "state": _state(t), "flops": t.user_attrs.get("flops"),
+                     **({predicted: t.user_attrs.get("latency_ms")} if predicted else {}),
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": t.user_attrs.get("epochs", 0), "seconds": _seconds(t),
                      "repeat_of": t.user_attrs.get("repeat_of"), "error": _reason(t), "node": t.user_attrs.get("node"),
@@ -62,8 +84,8 @@ def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.Dat
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": len(t.user_attrs.get("history", [])), "seconds": _seconds(t), "repeat_of": None,
                      "error": _reason(t), "node": t.user_attrs.get("node"), "scored": _scored(t), "fallback": False})
-    columns = ["number", "role", "state", "flops", "params", "val_acc", "epochs", "seconds", "repeat_of", "error",
-               "node", "scored", "fallback"]
+    columns = ["number", "role", "state", "flops", *([predicted] if predicted else []), "params", "val_acc", "epochs",
+               "seconds", "repeat_of", "error", "node", "scored", "fallback"]
     frame = pd.DataFrame(rows, columns=None if rows else columns)
     frame["number"] = frame["number"].astype("Int64")
     frame["repeat_of"] = frame["repeat_of"].astype("Int64")
@@ -91,21 +113,24 @@ def retrain_table(runs: optuna.Study) -> pd.DataFrame:
                                        "epochs_planned", "epochs", "seconds", "error", "node", "start"])
 
 
-def pareto_mask(frame: pd.DataFrame, acc: str = "val_acc") -> pd.Series:
-    """Non-dominated rows: no other row has at least the accuracy at no more FLOPs, and better in one."""
-    accs, flops = frame[acc].to_numpy(dtype=float), frame["flops"].to_numpy(dtype=float)
-    return pd.Series([not ((accs >= a) & (flops <= f) & ((accs > a) | (flops < f))).any()
-                      for a, f in zip(accs, flops, strict=True)], index=frame.index)
+def pareto_mask(frame: pd.DataFrame, acc: str = "val_acc", cost: str = "flops") -> pd.Series:
+    """Non-dominated rows: no other row has at least the accuracy at no more cost (FLOPs, or the column ``cost``),
+    and better in one."""
+    accs, costs = frame[acc].to_numpy(dtype=float), frame[cost].to_numpy(dtype=float)
+    return pd.Series([not ((accs >= a) & (costs <= f) & ((accs > a) | (costs < f))).any()
+                      for a, f in zip(accs, costs, strict=True)], index=frame.index)
 
 
 def ranked(frame: pd.DataFrame, objective: str) -> pd.DataFrame:
-    """Feasible fully trained candidates, best first: by accuracy, or the Pareto front first in Pareto mode."""
+    """Feasible fully trained candidates, best first: by accuracy, or the Pareto front first in Pareto mode (against
+    FLOPs, or against the predicted latency with ``pareto-latency``)."""
     done = frame[(frame["state"] == "COMPLETE") & (frame["role"] == "candidate")].copy()
     if done.empty:
         return done
-    done["pareto"] = pareto_mask(done)
-    if objective == "pareto":
-        return done.sort_values(["pareto", "val_acc", "flops"], ascending=[False, False, True])
+    cost = cost_column(frame, objective)
+    done["pareto"] = pareto_mask(done, cost=cost)
+    if objective in S.PARETO_COSTS:
+        return done.sort_values(["pareto", "val_acc", cost], ascending=[False, False, True])
     return done.sort_values(["val_acc", "flops"], ascending=[False, True])
 
 
@@ -119,10 +144,12 @@ def final_ranking(frame: pd.DataFrame, retrained: pd.DataFrame, objective: str,
 
     Only complete runs of ``epochs`` epochs count (the length the run's settings ask for; None: the longest
     present), so runs of different lengths are never averaged. Retrained candidates come first (by mean, or by the
-    front of mean accuracy against FLOPs in Pareto mode, among candidates: the baseline is a reference, never
-    part of the front); the rest follow in the search's order. Every row says what its figures rest on: the search's
+    front of mean accuracy against FLOPs, or predicted latency, in Pareto mode, among candidates: the baseline is a
+    reference, never part of the front; with no candidate re-ranked, the front of the search's scores); the rest
+    follow in the search's order. Every row says what its figures rest on: the search's
     epochs, and the re-ranking runs' epochs, seed count and seeds, read from the runs themselves."""
     search = ranked(frame, objective)
+    cost, latency = cost_column(frame, objective), latency_column(frame)
     done = retrained[retrained["state"] == "COMPLETE"]
     if epochs is None and len(done):
         epochs = int(done["epochs"].max())
@@ -132,33 +159,37 @@ def final_ranking(frame: pd.DataFrame, retrained: pd.DataFrame, objective: str,
     base_search = frame[(frame["role"] == "baseline") & (frame["state"] == "COMPLETE")]
     rows = []
     for row in search.itertuples():
-        rows.append(_ranking_row("candidate", int(row.number), row, row.val_acc, row.epochs, stats, epochs))
+        rows.append(_ranking_row("candidate", int(row.number), row, row.val_acc, row.epochs, stats, epochs, latency))
     if "baseline" in stats.index or len(base_search):
         base = done[done["source"] == "baseline"].iloc[0] if "baseline" in stats.index else base_search.iloc[0]
         acc, searched = (base_search["val_acc"].iloc[0], base_search["epochs"].iloc[0]) if len(base_search) \
             else (None, None)
-        rows.append(_ranking_row("baseline", "baseline", base, acc, searched, stats, epochs))
-    columns = ["number", "role", "flops", "params", "search_val_acc", "search_epochs", "val_acc_mean", "val_acc_std",
-               "seeds", "seed_list", "retrain_epochs"]
+        rows.append(_ranking_row("baseline", "baseline", base, acc, searched, stats, epochs, latency))
+    columns = ["number", "role", "flops", *([latency] if latency else []), "params", "search_val_acc", "search_epochs",
+               "val_acc_mean", "val_acc_std", "seeds", "seed_list", "retrain_epochs"]
     table = pd.DataFrame(rows, columns=columns)
     if table.empty:
         return table.assign(retrained=pd.Series(dtype=bool), score=pd.Series(dtype=float))
     table["number"] = table["number"].astype("Int64")
     table["retrained"] = table["seeds"] > 0
     table["score"] = table["val_acc_mean"].where(table["retrained"], table["search_val_acc"]).astype(float)
-    if objective == "pareto":
+    if objective in S.PARETO_COSTS:
         table["pareto"] = False
         front = table["retrained"] & (table["role"] == "candidate")
+        if not front.any():  # nothing re-ranked: the front of the search's own scores, the order ``ranked`` gives
+            front = table["role"] == "candidate"
         if front.any():
-            table.loc[front, "pareto"] = pareto_mask(table[front], "score").astype(bool)
-        keys, ascending = ["retrained", "pareto", "score", "flops"], [False, False, False, True]
+            table.loc[front, "pareto"] = pareto_mask(table[front], "score", cost).astype(bool)
+        keys, ascending = ["retrained", "pareto", "score", cost], [False, False, False, True]
     else:
         keys, ascending = ["retrained", "score", "flops"], [False, False, True]
     return table.sort_values(keys, ascending=ascending).reset_index(drop=True)
 
 
-def _ranking_row(role: str, key, row, search_acc, search_epochs, stats: pd.DataFrame, epochs) -> dict:
+def _ranking_row(role: str, key, row, search_acc, search_epochs, stats: pd.DataFrame, epochs,
+                 latency: str | None = None) -> dict:
     row_of = {"number": key if role == "candidate" else None, "role": role, "flops": row.flops,
+              **({latency: getattr(row, latency, None)} if latency else {}),
               "params": row.params, "search_val_acc": search_acc, "search_epochs": search_epochs}
     if key not in stats.index:
         return {**row_of, "val_acc_mean": None, "val_acc_std": None, "seeds": 0, "seed_list": "",

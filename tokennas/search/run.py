@@ -207,6 +207,8 @@ def _stages(ctx: StageContext) -> None:
     study.set_user_attr("baseline", {"config": baseline.to_dict() if baseline else None,
                                      "note": ctx.prepared.baseline_note,
                                      "label": describe(baseline) if describe and baseline else None})
+    if ctx.prepared.latency is not None:  # the model every proposal's latency is predicted with, and its budget
+        study.set_user_attr("latency", {**ctx.prepared.latency.record(), "budget_ms": settings.latency})
     try:
         if _needs_search(ctx):
             strategy.search_stage(ctx)

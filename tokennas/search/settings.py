@@ -63,6 +63,9 @@ class SearchSettings:
     score_images: int = 2000  # oneshot: validation images each candidate is scored on (the first N of the split)
     diff_steps: int = 200  # differentiable: optimisation steps of the per-block rates
     diff_lr: float = 0.05  # differentiable: Adam's learning rate on the rates' logits
+    # frozen: the predicted latency (tokennas.latency, measured on this machine) as a budget and/or a Pareto objective
+    latency: float | None = None  # ms per forward at latency_batch; a proposal predicted slower is infeasible
+    latency_batch: int = 1  # images per forward the latency is predicted at
 
     # what `--resume RUN` may change; everything else is fixed by search.yaml
     RESUMABLE = ("trials", "time_budget", "max_failures", "retrain_top", "retrain_epochs", "retrain_seeds", "top",
@@ -100,6 +103,9 @@ class SearchSettings:
             (self.gpus_per_trial is None or self.gpus_per_trial >= 0,
              f"invalid --gpus-per-trial {self.gpus_per_trial}; expected >= 0"),
             (self.top >= 1, f"invalid --top {self.top}; expected at least 1"),
+            (self.latency is None or (math.isfinite(self.latency) and self.latency > 0),
+             f"invalid --latency {self.latency}; expected a positive number of milliseconds"),
+            (self.latency_batch >= 1, f"invalid --latency-batch {self.latency_batch}; expected at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -133,6 +139,11 @@ class SearchSettings:
             raise ValueError(f"invalid --study-name {self.study_name!r}; expected a non-empty name")
         if self.heartbeat < 1:
             raise ValueError(f"invalid --heartbeat {self.heartbeat}; expected at least 1 second")
+
+    @property
+    def uses_latency(self) -> bool:
+        """The search predicts latency: a latency objective or a latency budget."""
+        return self.objective == "pareto-latency" or self.latency is not None
 
     @property
     def local_ray(self) -> bool:

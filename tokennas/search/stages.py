@@ -33,6 +33,7 @@ class Prepared:
     feasible: dict[str, dict[str, Any]]  # canonical config key -> parameters, every distinct feasible candidate
     baseline: ModelConfig | None = None  # the uniform reference, when the strategy can evaluate it
     baseline_note: str = ""  # why there is no baseline, in the summary's words
+    latency: Any = None  # the latency model (tokennas.latency) when the search predicts latency, measured here
 
 
 @dataclasses.dataclass

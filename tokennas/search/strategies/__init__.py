@@ -72,5 +72,9 @@ def validate(settings: SearchSettings) -> Strategy:
         for name in other.options:
             if name not in strategy.options and getattr(settings, name) != defaults[name]:
                 raise ValueError(f"--{name.replace('_', '-')} needs --strategy {other.name}")
+    if settings.objective == "pareto-latency" and "latency_batch" not in strategy.options:
+        latency = [s.name for s in STRATEGIES.values() if "latency_batch" in s.options]
+        raise ValueError(f"invalid --objective pareto-latency for --strategy {strategy.name}; expected acc or pareto "
+                         f"(predicted latency needs --strategy {' or '.join(latency)})")
     strategy.validate(settings)
     return strategy

@@ -14,6 +14,11 @@ ViT, scored on its own weights.
    interleaved (``tokennas.speed``); the report lists their speed-ups and flags any slower than the parent.
 4. **Fine-tuning** (optional, ``--finetune-epochs N``): the top ``--retrain-top`` schedules and the reference are
    fine-tuned from the parent's weights for N epochs on ``--retrain-seeds`` seeds, through Ray Tune, and re-ranked.
+
+With ``--objective pareto-latency`` (accuracy against predicted latency) or a ``--latency MS`` budget, every proposal's
+latency at ``--latency-batch`` images is predicted by a latency model of the parent's trunk (``tokennas.latency``),
+measured on this machine before the search starts (or read from its cache); a proposal predicted over ``--latency``
+is infeasible, as one over the MACs budget. The measured speed of step 3 stays the check of those predictions.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ModelConfig, config_from_dict
+from ...latency import latency_model
 from ...models.supernet import Supernet, build_supernet
 from ...speed import throughput_against
 from ..settings import SearchSettings
@@ -39,7 +45,7 @@ class Frozen:
     # of a point, and the standard error at 0.88 is about one point (README: `make search`)
     score_images = 1000
     evaluated = "scored"
-    options = ("parent", "finetune_epochs", "score_images")
+    options = ("parent", "finetune_epochs", "score_images", "latency", "latency_batch")
     no_retrain = "no --finetune-epochs: the schedules run on the parent's weights as they are"
 
     spaces_why = "schedules of one trained parent"  # what --space must hold, in the error's words
@@ -54,8 +60,12 @@ class Frozen:
         check_scoring(settings)
 
     def check(self, settings: SearchSettings, prepared: Prepared) -> None:
-        """The parent loads, its classifier fits the data, and it runs the space's schedules and the reference."""
+        """The parent loads, its classifier fits the data, and it runs the space's schedules and the reference; the
+        latency model of its trunk is measured (or read from the cache) when the search predicts latency."""
         drop_baseline_unless_held(parent_net(settings, prepared), prepared, "the parent cannot run it")
+        if settings.uses_latency:
+            device = "cuda" if settings.gpus() > 0 else "cpu"  # where the schedules are scored and timed
+            prepared.latency = latency_model(prepared.space.parent(), settings.latency_batch, device=device)
 
     def search_stage(self, ctx: StageContext) -> None:
         keep_parent(ctx)
@@ -89,6 +99,12 @@ class Frozen:
         if settings.finetune_epochs:
             lines.append(f"- re-ranking: the top {settings.retrain_top} and the reference fine-tuned from the "
                          f"parent's weights for {settings.finetune_epochs} epochs")
+        if settings.uses_latency:
+            budget = f"; a proposal predicted over {settings.latency:g} ms is infeasible" if settings.latency else ""
+            lines.append(f"- latency: predicted per forward at batch {settings.latency_batch} by a latency model of "
+                         "the parent's trunk measured on the machine that ran the search (tokennas.latency), "
+                         f"`predicted_latency_ms_batch{settings.latency_batch}` in trials.csv{budget}; the measured "
+                         "speed below is its check")
         return lines
 
 

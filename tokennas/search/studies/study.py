@@ -1,8 +1,12 @@
 """The Optuna side: samplers, the studies in the run folder, and the one adapter for constraints.
 
 Infeasible candidates are told to the study as finished trials with the worst objective values and
-a positive ``flops`` constraint (Optuna 5's ``trial.set_constraint``), which TPE, NSGA-II and
+a positive ``flops`` (or ``latency``) constraint (Optuna 5's ``trial.set_constraint``), which TPE, NSGA-II and
 ``best_trials`` read. They are never trained. Only this module touches Optuna's constraint API.
+
+A Pareto study minimises one cost beside maximising accuracy: the MACs (``--objective pareto``) or the predicted
+latency (``pareto-latency``, ``tokennas.latency``); every proposal carries both as user attributes (``flops``,
+``latency_ms``), and the study records which one is its second objective (``pareto_cost``).
 
 A run keeps two studies in one storage: ``tokennas`` (or ``--study-name``) holds the sampler's proposals;
 ``tokennas-runs`` (``NAME-runs``) holds the reference and re-ranking runs (the uniform baseline, and the
@@ -23,7 +27,8 @@ from optuna.trial import FrozenTrial, TrialState
 from ...config import ModelConfig, config_key
 from . import adapter
 
-OBJECTIVES = ("acc", "pareto")
+OBJECTIVES = ("acc", "pareto", "pareto-latency")
+PARETO_COSTS = {"pareto": "flops", "pareto-latency": "latency_ms"}  # the user attribute each Pareto objective minimises
 SAMPLERS = ("tpe", "nsga2", "random", "cmaes")
 STUDY_NAME = "tokennas"
 RUNS_STUDY = "tokennas-runs"
@@ -154,8 +159,11 @@ def open_study(where: Path | str | optuna.storages.BaseStorage, objective: str,
         where = storage_url(where)
     storage = RunStorage(where) if isinstance(where, str) and where.startswith("sqlite:///") else where
     if create:
-        return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, directions=directions,
-                                   load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, directions=directions,
+                                    load_if_exists=True)
+        if objective in PARETO_COSTS and study.user_attrs.get("pareto_cost") != PARETO_COSTS[objective]:
+            study.set_user_attr("pareto_cost", PARETO_COSTS[objective])
+        return study
     try:
         return optuna.load_study(storage=storage, study_name=study_name, sampler=sampler)
     except KeyError:
@@ -169,19 +177,36 @@ def open_runs(study: optuna.Study) -> optuna.Study:
                                load_if_exists=True)
 
 
-def record_cost(trial: optuna.Trial, config: ModelConfig, flops: int, budget: int) -> bool:
-    """Store the candidate's costs and config on the trial; tell Optuna the constraint. True if feasible."""
+def pareto_cost(study: optuna.Study) -> str:
+    """The user attribute a two-objective study minimises: ``flops``, or ``latency_ms`` (``pareto-latency``)."""
+    return study.user_attrs.get("pareto_cost", "flops")  # studies from before latency objectives: flops
+
+
+def record_cost(trial: optuna.Trial, config: ModelConfig, flops: int, budget: int, latency_ms: float | None = None,
+                latency_budget_ms: float | None = None) -> bool:
+    """Store the candidate's costs and config on the trial; tell Optuna the constraints (MACs, and the predicted
+    latency when it has a budget). True if feasible."""
     trial.set_user_attr("flops", flops)
     trial.set_user_attr("params", config.num_params())
     trial.set_user_attr("config", config.to_dict())
     trial.set_constraint("flops", float(flops - budget))
-    return flops <= budget
+    feasible = flops <= budget
+    if latency_ms is not None:
+        trial.set_user_attr("latency_ms", latency_ms)
+    if latency_budget_ms is not None:
+        trial.set_constraint("latency", float(latency_ms - latency_budget_ms))
+        feasible = feasible and latency_ms <= latency_budget_ms
+    return feasible
 
 
-def tell_infeasible(study: optuna.Study, trial: optuna.Trial, flops: int) -> None:
-    """Close an over-budget proposal without training it: worst accuracy, its FLOPs, constraint > 0."""
+def tell_infeasible(study: optuna.Study, trial: optuna.Trial, flops: int, latency_ms: float | None = None) -> None:
+    """Close an over-budget proposal without training it: worst accuracy, its cost (FLOPs, or its predicted latency
+    in a ``pareto-latency`` study), constraint > 0."""
     trial.set_user_attr("infeasible", True)
-    study.tell(trial, 0.0 if len(study.directions) == 1 else [0.0, float(flops)])
+    if len(study.directions) == 1:
+        study.tell(trial, 0.0)
+    else:
+        study.tell(trial, [0.0, float(latency_ms if pareto_cost(study) == "latency_ms" else flops)])
 
 
 def holds_config(trial: FrozenTrial) -> bool:
@@ -226,7 +251,8 @@ def tell_repeat(study: optuna.Study, trial: optuna.Trial, original: FrozenTrial,
         study.tell(trial, state=TrialState.PRUNED)
     elif original.state == TrialState.RUNNING:
         trial.set_user_attr("liar", liar)
-        study.tell(trial, liar if len(study.directions) == 1 else [liar, float(original.user_attrs["flops"])])
+        study.tell(trial, liar if len(study.directions) == 1 else [liar,
+                                                                   float(original.user_attrs[pareto_cost(study)])])
     else:
         study.tell(trial, state=TrialState.FAIL)
 
@@ -287,7 +313,7 @@ def tell_result(study: optuna.Study, trial: optuna.Trial, result: dict[str, Any]
     elif len(study.directions) == 1:
         study.tell(trial, acc)
     else:
-        study.tell(trial, [acc, float(trial.user_attrs["flops"])])
+        study.tell(trial, [acc, float(trial.user_attrs[pareto_cost(study)])])
 
 
 def report_epoch(study: optuna.Study, trial: optuna.Trial, acc: float, epoch: int, history: list[float]) -> None:

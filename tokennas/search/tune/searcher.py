@@ -2,7 +2,8 @@
 
 ``BudgetSearcher`` keeps the FLOPs budget hard: a proposal over budget is closed in Optuna as
 infeasible inside ``suggest`` and the next one is asked, so Ray only ever starts feasible candidates
-and the sampler still learns where the budget ends. A proposal whose config was already trained is
+and the sampler still learns where the budget ends. Given a latency model (``tokennas.latency``), it predicts every
+proposal's latency, and a latency budget is kept the same way. A proposal whose config was already trained is
 closed as a repeat, told its original's outcome (``study.tell_repeat``), and never trained twice.
 Reference jobs (the uniform baseline) are handed out before the sampler's candidates and recorded in
 the runs study, outside the sampler's evidence.
@@ -231,14 +232,18 @@ class RunsSearcher(Searcher):
 class BudgetSearcher(RunsSearcher):
     """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits and is new. ``stall``: over-budget
     or repeated proposals in a row after which the sampler is handed an untried feasible candidate (the
-    strategy's ``stall``: it depends on what scoring a candidate costs)."""
+    strategy's ``stall``: it depends on what scoring a candidate costs). ``latency``: a ``LatencyModel`` that
+    predicts each proposal's latency (``latency_ms``); ``latency_budget_ms``: the most it may predict."""
 
     def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int, *,
                  stall: int, trials: int = 1_000_000, max_failures: int = 1_000_000,
                  feasible: dict[str, dict] | None = None, jobs: list[dict[str, Any]] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, latency: Any = None, latency_budget_ms: float | None = None) -> None:
         super().__init__(study, jobs, max_failures, max_epochs)
         self.space, self.inputs, self.budget, self.trials = space, inputs, budget, trials
+        if latency_budget_ms is not None and latency is None:
+            raise ValueError("a latency budget needs a latency model to predict with")
+        self.latency, self.latency_budget_ms = latency, latency_budget_ms
         # canonical config key -> parameters of every distinct feasible candidate, for when the sampler stalls
         self.feasible = feasible if feasible is not None else space.feasible(budget, inputs)[0]
         self.rng, self.stall = random.Random(seed), stall
@@ -291,8 +296,9 @@ class BudgetSearcher(RunsSearcher):
                 return None
             config = self.space.suggest(trial, self.inputs)
             flops = count_flops(config)
-            if not S.record_cost(trial, config, flops, self.budget):
-                S.tell_infeasible(self.study, trial, flops)
+            latency_ms = None if self.latency is None else self.latency.predict(config) * 1e3
+            if not S.record_cost(trial, config, flops, self.budget, latency_ms, self.latency_budget_ms):
+                S.tell_infeasible(self.study, trial, flops, latency_ms)
                 self.infeasible += 1
                 misses += 1
                 continue
