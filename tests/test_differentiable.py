@@ -7,6 +7,7 @@ import random
 import pandas as pd
 import pytest
 import torch
+from conftest import train_tiny_parent
 
 from tokennas import count_flops
 from tokennas.cli import main
@@ -66,12 +67,8 @@ def test_tokens_from_the_rounded_expected_count_on_are_removed_outright():
 
 @pytest.fixture(scope="module")
 def tiny_parent(tmp_path_factory):
-    """A 4-block ViT at 16px (16 patch tokens) trained for one epoch on 600 images: seconds."""
-    folder = tmp_path_factory.mktemp("parent")
-    (folder / "vit.yaml").write_text("family: schedule_vit\n" + "".join(f"{k}: {v}\n" for k, v in TRUNK.items()))
-    assert main_code(["train", str(folder / "vit.yaml"), "--epochs", "1", "--train-subset", "600", "--out",
-                      str(folder / "run")]) == 0
-    return folder / "run" / "checkpoint.pt"
+    """A 4-block ViT at 16px with patch 4 (16 patch tokens), trained for one epoch on 600 images: seconds."""
+    return train_tiny_parent(tmp_path_factory.mktemp("parent"), TRUNK)
 
 
 @pytest.fixture(scope="module")

@@ -216,7 +216,7 @@ def test_a_pareto_latency_search_keeps_the_latency_budget(tiny_parent, tmp_path,
     summary = (run_dir / "summary.md").read_text()
     assert f"and {limit:g} ms at batch 1" in summary and "pareto-latency (accuracy up, predicted ms" in summary
     assert "predicted ms at batch 1 (measured)" in summary and "speed at batch 256" in summary
-    assert "read from its cache" in summary
+    assert "read from its cache" in summary and f"cached in `{model.cache_file}` (delete it" in summary
 
 
 def test_latency_options_are_refused_outside_the_frozen_strategy(tmp_path, capsys):

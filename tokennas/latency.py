@@ -52,6 +52,7 @@ from .speed import CLOCKS, forward_step, interleaved
 
 FORMAT = 1  # bump when the tables' layout or what they time changes: older cache files are then measured again
 GRID_POINTS = 8  # token counts per table; quadratic spacing, denser where tokens are few
+LOCAL_FIELDS = ("cached", "cache_file")  # where this copy of a model came from: not stored in the cache file
 STEP_SECONDS = 3e-4  # a timed sample repeats a short stage until it takes about this long (batch 1: ~50 us a call)
 
 
@@ -170,7 +171,8 @@ class LatencyModel:
     ``fixed``: seconds outside the blocks' stages (calibrated on the parent). ``parent_seconds``: the parent's
     measured forward. ``clock``: ``wall`` (latency) or ``cpu`` (this process's CPU time, see ``tokennas.speed``).
     ``measure_seconds``, ``measure_cpu_seconds``: how long measuring took, wall-clock and in this process's CPU time
-    (on a busy machine the first is mostly other processes' time). ``cached``: read from the cache, not measured.
+    (on a busy machine the first is mostly other processes' time). ``cached``: read from the cache, not measured;
+    ``cache_file``: the file it was read from or written to (delete it to measure again).
     """
 
     trunk: dict[str, Any]
@@ -185,6 +187,7 @@ class LatencyModel:
     measure_seconds: float
     measure_cpu_seconds: float
     cached: bool = False
+    cache_file: str | None = None
 
     def predict(self, config: ScheduleViTConfig) -> float:
         """Predicted seconds per forward of ``config`` (a schedule of this trunk) at this batch size."""
@@ -237,11 +240,12 @@ class LatencyModel:
         """What a search records of the model it predicted with: batch, clock, machine, the parent's measured
         milliseconds, how long measuring took and whether the model was read from the cache."""
         return {"batch": self.batch, "clock": self.clock, "machine": self.machine,
-                "parent_ms": self.parent_seconds * 1e3, "measure_seconds": self.measure_seconds, "cached": self.cached}
+                "parent_ms": self.parent_seconds * 1e3, "measure_seconds": self.measure_seconds, "cached": self.cached,
+                "cache_file": self.cache_file}
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field but ``cached``, as JSON takes it."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cached"}
+        """Every field but ``cached`` and ``cache_file`` (where it is), as JSON takes it."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in LOCAL_FIELDS}
 
 
 # -- measuring --
@@ -397,9 +401,9 @@ def read_cached(path: Path, key: dict[str, Any]) -> LatencyModel | None:
         if not isinstance(data, dict) or data.get("key") != key:
             return None
         stored = data["model"]
-        if set(stored) != {f.name for f in dataclasses.fields(LatencyModel)} - {"cached"}:
+        if set(stored) != {f.name for f in dataclasses.fields(LatencyModel)} - set(LOCAL_FIELDS):
             return None
-        model = LatencyModel(**stored, cached=True)
+        model = LatencyModel(**stored, cached=True, cache_file=str(path))
         if [model.machine, model.trunk, model.batch, model.clock] != [key[k] for k in ("machine", "trunk", "batch",
                                                                                         "clock")]:
             return None
@@ -443,4 +447,4 @@ def latency_model(trunk: ScheduleViTConfig, batch: int = 1, *, device: torch.dev
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": key, "model": model.to_dict()}))
     tmp.replace(path)
-    return model
+    return dataclasses.replace(model, cache_file=str(path))

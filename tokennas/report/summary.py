@@ -158,6 +158,8 @@ def _latency_lines(latency: dict[str, Any] | None) -> list[str]:
     machine = latency["machine"]
     where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores, torch on {machine['threads']} thread(s)"
     origin = "read from its cache" if latency.get("cached") else f"measured in {latency['measure_seconds']:.0f} s"
+    if latency.get("cache_file"):  # a model measured on a loaded machine stays until its file is deleted
+        origin += f", cached in `{latency['cache_file']}` (delete it to measure again)"
     budget = f"; budget {latency['budget_ms']:g} ms" if latency.get("budget_ms") else ""
     return [f"- predicted latency: tokennas.latency's model of the parent's trunk at batch {latency['batch']} on "
             f"{where} ({latency['clock']} clock, torch {machine['torch']}; {origin}; the parent measured at "
