@@ -2,6 +2,8 @@
 
     python benchmarks/bench_layers.py compare --parent fmnist-vit --shares 50 65 80 --trials 200 --score-images 2000 \
         --seed 0 --finetune-epochs 1 --out-csv benchmarks/layers_compare.csv
+    python benchmarks/bench_layers.py differentiable --parent fmnist-vit --shares 50 65 80 \
+        --out-csv benchmarks/layers_differentiable.csv
     python benchmarks/bench_layers.py speed --parent fmnist-vit --from-csv benchmarks/layers_compare.csv
     python benchmarks/bench_layers.py ground-truth --parent fmnist-vit --share 50 --n 2000 --score-images 1000 \
         --seed 0 --out benchmarks/ground_truth_layers50.csv
@@ -14,7 +16,9 @@ EViT's keep rate at a quarter, half and three quarters of the depth (Liang et al
 accuracy on the search's validation images, as a user without the test split would pick it). Every contender is
 scored once on the test split; the paired bootstrap interval of (searched - reference) resamples the test images.
 Then the searched schedule and ToMe's are fine-tuned from the parent's weights with the same settings and compared
-again. ``speed``: the compare CSV's schedules timed against the parent (interleaved, batch 1 and 256).
+again. ``differentiable``: ``--strategy differentiable`` at each share against compare's searched schedule and
+ToMe's, on the test split, with each search's wall time. ``speed``: the compare CSV's schedules timed against the
+parent (interleaved, batch 1 and 256).
 ``ground-truth``: random directions projected onto one budget, each scored on the parent's weights (resumable).
 ``replay``: Optuna samplers against that table, each proposal answered by its nearest row.
 """
@@ -319,6 +323,91 @@ def markdown(rows: list[dict], parent_flops: int) -> str:
     return pd.DataFrame(table).to_markdown(index=False, disable_numparse=True)
 
 
+# -- the differentiable strategy against the sampler's schedule and ToMe --
+def run_wall_seconds(run: Path, pause: float = 300.0) -> float:
+    """Wall-clock seconds of ``run``'s trials from its study.db (both studies): from the first trial's start to the
+    last trial's end, less every gap over ``pause`` seconds between consecutive trial starts (a stopped and resumed
+    run's pause). The set-up before the first trial is not counted."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(run / "study.db")) as db:
+        starts = [datetime.datetime.fromisoformat(r[0]) for r in
+                  db.execute("SELECT datetime_start FROM trials WHERE datetime_start IS NOT NULL ORDER BY 1")]
+        last = datetime.datetime.fromisoformat(db.execute("SELECT max(datetime_complete) FROM trials").fetchone()[0])
+    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+    return (last - starts[0]).total_seconds() - sum(g for g in gaps if g > pause)
+
+
+def differentiable(args) -> None:
+    """At each share: ``tokennas search --strategy differentiable`` (reused when its run folder holds a summary, else
+    resumed), its best schedule's test accuracy against the frozen strategy's best and ToMe's constant r from the
+    compare CSV (the same test images; paired bootstrap intervals of differentiable minus each), and the wall time
+    of each search (this run's own, measured here; the sampler's from its study.db)."""
+    from tokennas.cli import main
+
+    table = pd.read_csv(args.from_csv, keep_default_na=False)
+    trunk, net, data = open_parent(args.parent, args.seed)
+    parent = LayersSpace(trunk=trunk).parent()
+    batches = test_batches(data, None, parent.img_size)
+    runs = args.runs
+    runs.mkdir(parents=True, exist_ok=True)
+    header(f"The differentiable strategy against the frozen strategy's best and ToMe on {args.parent}")
+    print(f"Test split ({len(batches.split):,} images); intervals: paired bootstrap of (differentiable - contender), "
+          f"{RESAMPLES:,} resamples. Differentiable: defaults (`--diff-steps` 200, `--trials` 12 scored on "
+          f"{args.score_images} validation images), seed {args.seed}, runs in {runs}.\n")
+    rows, out = [], []
+    for share in args.shares:
+        run, log = runs / f"diff{share:g}", runs / f"diff{share:g}.log"
+        timing = runs / f"diff{share:g}.seconds"  # wall seconds of each session of this run, one per line
+        if not (run / "summary.md").exists():
+            argv = ["search", "--quiet", "--top", "1"] + (["--resume", str(run)] if (run / "search.yaml").exists()
+                                                            else ["--space", "layers", "--parent", args.parent,
+                                                                  "--flops", f"{share:g}%", "--strategy",
+                                                                  "differentiable", "--score-images",
+                                                                  str(args.score_images), "--seed", str(args.seed),
+                                                                  "--out", str(run)])
+            started = time.perf_counter()
+            with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                try:
+                    main(argv)
+                except SystemExit as exit_:
+                    if exit_.code:
+                        raise RuntimeError(f"the differentiable search at {share:g}% failed, see {log}") from None
+            with open(timing, "a") as f:
+                f.write(f"{time.perf_counter() - started:.1f}\n")
+        wall = sum(float(x) for x in timing.read_text().split()) if timing.exists() else math.nan
+        best = load_config(str(sorted((run / "best").glob("01-*.yaml"))[0]))
+        mine = correct(net.child_model(best), batches)
+        line = {"share": f"{share:g}%", "contender": "differentiable", "tokens": tokens_text(best),
+                "MACs (% parent)": f"{count_flops(best) / count_flops(parent):.1%}", "test acc": f"{mine.mean():.4f}",
+                "differentiable - it (95% CI)": "", "search wall time": f"{wall / 60:.0f} min"}
+        out.append(line)
+        rows.append({"share": share, "contender": "differentiable", "flops": count_flops(best),
+                     "test_acc": float(mine.mean()), "wall_seconds": wall, "config": json.dumps(best.to_dict())})
+        for name in ("searched", "ToMe constant r"):
+            match = table[(table["share"].astype(float) == share) & (table["contender"] == name)
+                          & (table["stage"] == "frozen")]
+            if match.empty:
+                raise ValueError(f"{args.from_csv} has no frozen {name!r} row at {share:g}%")
+            config = config_from_dict(json.loads(match["config"].iloc[0]))
+            hits = correct(net.child_model(config), batches)
+            diff, low, high = paired_interval(mine, hits)
+            label = "frozen strategy (TPE, 200 trials)" if name == "searched" else name
+            wall_other = run_wall_seconds(args.compare_runs / f"share{share:g}") if name == "searched" else None
+            out.append({"share": f"{share:g}%", "contender": label, "tokens": tokens_text(config),
+                        "MACs (% parent)": f"{count_flops(config) / count_flops(parent):.1%}",
+                        "test acc": f"{hits.mean():.4f}",
+                        "differentiable - it (95% CI)": f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]",
+                        "search wall time": f"{wall_other / 60:.0f} min (its trials, pauses left out)"
+                        if wall_other else ""})
+            rows.append({"share": share, "contender": label, "flops": count_flops(config),
+                         "test_acc": float(hits.mean()), "diff": diff, "ci_low": low, "ci_high": high,
+                         "wall_seconds": wall_other, "config": json.dumps(config.to_dict())})
+        if args.out_csv:
+            pd.DataFrame(rows).to_csv(args.out_csv, index=False)
+    print(pd.DataFrame(out).to_markdown(index=False, disable_numparse=True))
+
+
 # -- speed --
 def speed(args) -> None:
     from tokennas.speed import throughput_against
@@ -488,6 +577,16 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--test-images", type=int, default=None, help="the first N test images (default: all 10,000)")
     c.add_argument("--runs", type=Path, default=None, help="search run folders, reused when finished [default: tmp]")
     c.add_argument("--out-csv", type=Path, default=None)
+    d = commands.add_parser("differentiable", help="--strategy differentiable against compare's searched and ToMe")
+    d.add_argument("--parent", default="fmnist-vit")
+    d.add_argument("--shares", type=float, nargs="+", default=[50, 65, 80])
+    d.add_argument("--score-images", type=int, default=2000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--from-csv", type=Path, default=Path(__file__).parent / "layers_compare.csv")
+    d.add_argument("--compare-runs", type=Path, default=Path("results/bench-layers/runs"),
+                   help="compare's search runs, for the sampler's wall time")
+    d.add_argument("--runs", type=Path, default=Path("results/bench-layers/runs"))
+    d.add_argument("--out-csv", type=Path, default=None)
     s = commands.add_parser("speed", help="the compare CSV's schedules timed against the parent")
     s.add_argument("--parent", default="fmnist-vit")
     s.add_argument("--from-csv", type=Path, required=True)
@@ -507,7 +606,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--seeds", type=int, default=20)
     r.add_argument("--evals", type=int, default=300)
     args = parser.parse_args(argv)
-    {"compare": compare, "speed": speed, "ground-truth": ground_truth, "replay": replay}[args.command](args)
+    commands = {"compare": compare, "differentiable": differentiable, "speed": speed, "ground-truth": ground_truth,
+                "replay": replay}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
