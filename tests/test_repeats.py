@@ -280,3 +280,31 @@ def test_the_index_answers_as_a_full_scan(tmp_path, seed):
             C.claim(study, trial)
             training.append((study, trial))
     assert index.trained > 0 and index.lost and index.failed > 0  # the walk visited every kind of trial
+
+
+def test_tpe_moves_a_tried_pick_to_the_nearest_untried_candidate(monkeypatch):
+    """The tokens space (one candidate index, by MACs) under 15M MACs, 60 candidates, an accuracy that rises with the
+    MACs: TPE converges on the top of the order and re-picks scored indices. SkipTried hands the nearest untried
+    index instead, so no proposal is a repeat; without it (the check never set) the same search repeats."""
+    space, inputs = get_space("tokens"), Inputs()
+    budget = 15_000_000
+
+    def run(skip: bool) -> BudgetSearcher:
+        study = S.open_study(optuna.storages.InMemoryStorage(), "acc", S.make_sampler("tpe", 0, 60), create=True)
+        searcher = BudgetSearcher(study, space, inputs, budget, max_epochs=1, trials=60, feasible={}, stall=10**9)
+        if not skip:
+            monkeypatch.setattr(searcher, "_tried", lambda params: None)
+        for i in range(60):
+            suggestion = searcher.suggest(str(i))
+            searcher.on_trial_complete(str(i), {"val_acc": suggestion["flops"] / budget, "epoch": 1})
+        return searcher
+
+    plain, skipping = run(False), run(True)
+    assert plain.repeats >= 5, "the fixture no longer repeats without SkipTried"
+    assert skipping.repeats == 0
+    moved = [t for t in skipping.study.trials if t.user_attrs.get("moved")]
+    assert moved and not any(t.user_attrs.get("moved") for t in plain.study.trials)
+    keys = [config_key(t.user_attrs["config"]) for t in skipping.study.trials if S.trained(t)]
+    assert len(keys) == len(set(keys)) == 60  # every scored candidate a distinct config
+    order = space.dimensions(inputs)["candidate"]
+    assert all(t.params["candidate"] in order for t in moved)

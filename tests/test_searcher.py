@@ -165,7 +165,7 @@ def test_failures_are_replaced_until_the_limit(tmp_path):
 def test_tpe_models_only_after_feasible_startup(tmp_path):
     """Over-budget proposals do not count towards TPE's start-up: it models from trained candidates."""
     searcher = make(tmp_path, budget=12_000_000)
-    sampler = searcher.study.sampler
+    sampler = searcher.study.sampler.sampler  # FeasibleStartup, inside SkipTried
     chosen = []
     original = sampler.before_trial
 

@@ -64,7 +64,8 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
              f"{counts.get('INFEASIBLE', 0)} proposals over budget and "
              f"{counts.get('REPEAT', 0)} repeated configs (neither {evaluated}; a repeat is told its original's "
              f"outcome); {_fallbacks(candidates)} candidates drawn at random when the sampler stalled (fallbacks: an "
-             "untried feasible config, or in a continuous space such as layers a uniform direction)",
+             "untried feasible config, or in a continuous space such as layers a uniform direction)"
+             f"{_moved(candidates)}",
              *strategy_lines,
              *(_retrain_plan_line(settings, _n(retrain_epochs, "epoch")) if retrain_epochs else []),
              *_stage_lines(settings, stages), ""]
@@ -164,6 +165,12 @@ def _latency_lines(latency: dict[str, Any] | None) -> list[str]:
     return [f"- predicted latency: tokennas.latency's model of the parent's trunk at batch {latency['batch']} on "
             f"{where} ({latency['clock']} clock, torch {machine['torch']}; {origin}; the parent measured at "
             f"{latency['parent_ms']:.2f} ms){budget}"]
+
+
+def _moved(candidates: pd.DataFrame) -> str:
+    """The proposals the sampler made of a tried config that went to its nearest untried neighbour instead."""
+    moved = int(candidates["moved"].astype(bool).sum()) if "moved" in candidates else 0
+    return f"; {moved} proposals of a config already tried moved to the nearest untried one" if moved else ""
 
 
 def _fallbacks(candidates: pd.DataFrame) -> int:

@@ -65,6 +65,8 @@ def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.Dat
     (INFEASIBLE), proposals of an already trained config (REPEAT, ``repeat_of`` names it) and trials cut off
     before their last epoch (INTERRUPTED, asked again on ``--resume``). ``error`` says why a trial failed.
     ``fallback``: an untried feasible candidate handed to the sampler when it stalled, not its own proposal.
+    ``moved``: the sampler picked a config already tried, and the nearest untried one (by the space's order) was
+    proposed instead (``study.SkipTried``).
     The uniform baseline's reference run, when given ``runs``, is the row with ``role`` baseline. A run that
     predicted latency (``tokennas.latency``) has ``predicted_latency_ms_batchN``: milliseconds per forward of N
     images, as the model predicted them (the baseline is not predicted)."""
@@ -78,14 +80,15 @@ def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.Dat
                      "epochs": t.user_attrs.get("epochs", 0), "seconds": _seconds(t),
                      "repeat_of": t.user_attrs.get("repeat_of"), "error": _reason(t), "node": t.user_attrs.get("node"),
                      "scored": _scored(t), "fallback": bool(t.user_attrs.get("fallback")),
-                     **{f"param_{k}": v for k, v in t.params.items()}})
+                     "moved": bool(t.user_attrs.get("moved")), **{f"param_{k}": v for k, v in t.params.items()}})
     for t in _runs(runs, "search"):
         rows.append({"number": None, "role": "baseline", "state": _state(t), "flops": t.user_attrs.get("flops"),
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": len(t.user_attrs.get("history", [])), "seconds": _seconds(t), "repeat_of": None,
-                     "error": _reason(t), "node": t.user_attrs.get("node"), "scored": _scored(t), "fallback": False})
+                     "error": _reason(t), "node": t.user_attrs.get("node"), "scored": _scored(t), "fallback": False,
+                     "moved": False})
     columns = ["number", "role", "state", "flops", *([predicted] if predicted else []), "params", "val_acc", "epochs",
-               "seconds", "repeat_of", "error", "node", "scored", "fallback"]
+               "seconds", "repeat_of", "error", "node", "scored", "fallback", "moved"]
     frame = pd.DataFrame(rows, columns=None if rows else columns)
     frame["number"] = frame["number"].astype("Int64")
     frame["repeat_of"] = frame["repeat_of"].astype("Int64")

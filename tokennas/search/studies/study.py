@@ -84,12 +84,79 @@ class FeasibleStartup(optuna.samplers.BaseSampler):
         self.startup.reseed_rng()
 
 
+class SkipTried(optuna.samplers.BaseSampler):
+    """``sampler`` that does not hand back a config already proposed, where it can tell.
+
+    While the searcher proposes, it sets ``check``: params -> whether they build a config already proposed (None
+    when it cannot tell, e.g. a partial set). A relative sample (TPE's multivariate one) that ``check`` calls tried
+    is replaced: in a space of one ordered integer (the ``tokens`` space's candidate index, by MACs) by the nearest
+    untried value (ties at random), so the sampler's choice of neighbourhood stands and no proposal is wasted on a
+    repeat; otherwise the sampler draws again, up to ``RETRIES`` times, and a last tried draw stays a repeat (told
+    its original's value). ``moved``: the trial numbers whose sample was replaced."""
+
+    RETRIES = 8
+
+    def __init__(self, sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+        import random
+
+        self.sampler, self.rng = sampler, random.Random(seed)
+        self.check: Any = None
+        self.moved: set[int] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "check": None}  # the searcher's callback is set again by the next proposal
+
+    def before_trial(self, study, trial) -> None:
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        params = self.sampler.sample_relative(study, trial, search_space)
+        if self.check is None or not params or self.check(params) is not True:
+            return params
+        (name, dist), = search_space.items() if len(search_space) == 1 else ((None, None),)
+        if name in params and isinstance(dist, optuna.distributions.IntDistribution):
+            value = self._nearest_untried(params, name, dist)
+            if value is not None:
+                self.moved.add(trial.number)
+                return {**params, name: value}
+            return params
+        for _ in range(self.RETRIES):
+            again = self.sampler.sample_relative(study, trial, search_space)
+            if self.check(again) is False:
+                self.moved.add(trial.number)
+                return again
+        return params
+
+    def _nearest_untried(self, params: dict[str, Any], name: str, dist) -> int | None:
+        value = params[name]
+        for distance in range(dist.step, dist.high - dist.low + 1, dist.step):
+            sides = [value - distance, value + distance]
+            self.rng.shuffle(sides)
+            for v in sides:
+                if dist.low <= v <= dist.high and self.check({**params, name: v}) is False:
+                    return v
+        return None
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
 def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
     """A seeded sampler; TPE and NSGA-II learn from the ``flops`` constraint. TPE's start-up proposals are
-    random until a third of ``trials`` (2 to 10) feasible candidates exist."""
+    random until a third of ``trials`` (2 to 10) feasible candidates exist, and its proposals skip configs already
+    tried where the searcher can tell (``SkipTried``)."""
     if name == "tpe":
         model = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=0)
-        return FeasibleStartup(model, max(2, min(10, trials // 3)), seed)
+        return SkipTried(FeasibleStartup(model, max(2, min(10, trials // 3)), seed), seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, trials // 2)))
     if name == "random":

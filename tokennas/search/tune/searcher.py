@@ -284,7 +284,30 @@ class BudgetSearcher(RunsSearcher):
             return None
         return self._propose(trial_id)
 
+    def _tried(self, params: dict[str, Any]) -> bool | None:
+        """Whether ``params`` (a sampler's relative sample) build a config already proposed; None when they are not a
+        whole proposal of this space or do not build (``SkipTried`` then keeps the sample)."""
+        if set(params) != set(self.space.dimensions(self.inputs)):
+            return None
+        try:
+            config = self.space.build(params, self.inputs)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return config_key(config) in self.index.proposed()
+
     def _propose(self, trial_id: str) -> dict[str, Any] | None:
+        sampler = self.study.sampler
+        # in an enumerable space; a continuous one (layers) repeats by projection, and moves on by its fallback
+        skip = isinstance(sampler, S.SkipTried) and getattr(self.space, "enumerable", True)
+        if skip:
+            sampler.check = self._tried
+        try:
+            return self._propose_one(trial_id)
+        finally:
+            if skip:
+                sampler.check = None
+
+    def _propose_one(self, trial_id: str) -> dict[str, Any] | None:
         from ...flops import count_flops
 
         misses = 0
@@ -308,6 +331,8 @@ class BudgetSearcher(RunsSearcher):
                 self.repeats += 1
                 misses += 1
                 continue
+            if isinstance(self.study.sampler, S.SkipTried) and trial.number in self.study.sampler.moved:
+                trial.set_user_attr("moved", True)  # the sampler's tried pick, replaced by an untried neighbour
             coordination.claim(self.study, trial)  # ends this trial's turn
             self.live[trial_id], self.history[trial_id] = trial, []
             suggestion = {"config": config.to_dict(), "flops": flops, "number": trial.number, "role": "candidate",
