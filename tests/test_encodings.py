@@ -95,6 +95,10 @@ def test_suggest_asks_exactly_the_asked_parameters(name):
         trial = optuna.trial.FixedTrial(space.asked(params, INPUTS))
         assert space.suggest(trial, INPUTS) == space.build(params, INPUTS), params
         assert set(trial.params) == set(space.asked(params, INPUTS))
+        asked = space.asked(params, INPUTS)  # and `completed` gives back a choice that builds the same config
+        assert space.build(space.completed(asked, INPUTS), INPUTS) == space.build(params, INPUTS)
+        if asked:  # one answered dimension left out: not a whole proposal
+            assert space.completed(dict(list(asked.items())[1:]), INPUTS) is None
 
 
 def test_evenly_spaced_numbers_are_ordered_distributions():

@@ -51,6 +51,19 @@ class Space:
                 so_far[name] = asked[name] = params[name]
         return asked
 
+    def completed(self, asked: dict[str, Any], inputs: Inputs) -> dict[str, Any] | None:
+        """The full choice that ``suggest`` builds from the answers ``asked`` (the inverse of ``asked``): every
+        dimension without effect at its first choice; None when a dimension with an effect is not answered."""
+        params: dict[str, Any] = {}
+        for name, choices in self.dimensions(inputs).items():
+            if name in self.unused(params, inputs):
+                params[name] = choices[0]
+            elif name in asked:
+                params[name] = asked[name]
+            else:
+                return None
+        return params
+
     def suggest(self, trial: Any, inputs: Inputs) -> ModelConfig:
         """Optuna define-by-run: ask for every dimension that has an effect, then build the config. A
         dimension without effect is not asked (its first choice stands in), so the sampler does not

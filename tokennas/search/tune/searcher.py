@@ -286,11 +286,13 @@ class BudgetSearcher(RunsSearcher):
 
     def _tried(self, params: dict[str, Any]) -> bool | None:
         """Whether ``params`` (a sampler's relative sample) build a config already proposed; None when they are not a
-        whole proposal of this space or do not build (``SkipTried`` then keeps the sample)."""
-        if set(params) != set(self.space.dimensions(self.inputs)):
-            return None
+        whole proposal of this space (a dimension with an effect left out) or do not build (``SkipTried`` then keeps
+        the sample)."""
         try:
-            config = self.space.build(params, self.inputs)
+            full = self.space.completed(params, self.inputs)
+            if full is None:
+                return None
+            config = self.space.build(full, self.inputs)
         except (ValueError, KeyError, TypeError):
             return None
         return config_key(config) in self.index.proposed()
