@@ -548,6 +548,45 @@ def replay(args) -> None:
     print(f"\nmedian distance to row: from a proposal to the row that answers it; two random rows of the table are "
           f"{apart:.3f} apart (median). repeated rows: the share of a run's proposals answered by a row it already "
           "had.")
+    if args.live:
+        live_runs(args.live, values, target, marks, args.evals, len(space.starts(Inputs())))
+
+
+def reach_at(curve: np.ndarray, target: float) -> float:
+    """The evaluations a best-so-far ``curve`` needs to reach ``target`` (inf when it does not)."""
+    return int(np.argmax(curve >= target)) + 1 if curve[-1] >= target else math.inf
+
+
+def live_runs(runs: list[Path], values: np.ndarray, target: float, marks: list[int], evals: int, starts: int) -> None:
+    """Searches that scored their own proposals (``tokennas search --space layers`` on the same validation images as
+    the table) against random search drawn from the table without replacement (each of 1,000 draws: ``evals``
+    rows in a random order), which is random search run live: the table's rows are random directions, each scored
+    on the parent."""
+    rng = np.random.default_rng(0)
+    draws = np.array([np.maximum.accumulate(values[rng.permutation(len(values))[:evals]]) for _ in range(1000)])
+    print(f"\nLive searches against random search drawn from the table ({len(values):,} rows, 1,000 draws of {evals} "
+          f"without replacement; median best after {evals}: {np.median(draws[:, -1]):.4f}). Target as above, "
+          f"{target:.4f}. A live search scores its own proposals; the samplers but random begin with the space's "
+          f"{starts} hand-set directions.\n")
+    out = [{"search": "random, drawn from the table (median of 1,000 draws)",
+            **{f"best @ {m}": f"{np.median(draws[:, m - 1]):.4f}" for m in marks},
+            "evals to reach the target": f"{np.median([reach_at(d, target) for d in draws]):g}",
+            "best of the hand-set starts": "-"}]
+    for run in runs:
+        trials = pd.read_csv(run / "trials.csv")
+        scored = trials[(trials["role"] == "candidate") & (trials["state"] == "COMPLETE")].sort_values("number")
+        curve = np.maximum.accumulate(scored["val_acc"].to_numpy())
+        settings = (run / "search.yaml").read_text()
+        sampler = next((line.split(":", 1)[1].strip() for line in settings.splitlines()
+                        if line.startswith("sampler:")), "?")
+        seed = next((line.split(":", 1)[1].strip() for line in settings.splitlines() if line.startswith("seed:")), "?")
+        reach = int(np.argmax(curve >= target)) + 1 if curve[-1] >= target else None
+        out.append({"search": f"{sampler}, seed {seed}, live ({run})",
+                    **{f"best @ {m}": f"{curve[m - 1]:.4f}" if m <= len(curve) else "-" for m in marks},
+                    "evals to reach the target": str(reach) if reach else f"not reached in {len(curve)}",
+                    "best of the hand-set starts": f"{curve[min(starts, len(curve)) - 1]:.4f}"
+                    if sampler != "random" else "-"})
+    print(pd.DataFrame(out).to_markdown(index=False, disable_numparse=True))
 
 
 def direction_vectors(params: list[dict], depth: int) -> np.ndarray:
@@ -603,6 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--out", type=Path, default=Path(__file__).parent / "ground_truth_layers50.csv")
     r = commands.add_parser("replay", help="Optuna samplers against the ground-truth table (nearest row)")
     r.add_argument("--table", type=Path, default=Path(__file__).parent / "ground_truth_layers50.csv")
+    r.add_argument("--live", type=Path, nargs="*", default=[],
+                   help="run folders of layers searches scored on the table's validation images, compared live")
     r.add_argument("--seeds", type=int, default=20)
     r.add_argument("--evals", type=int, default=300)
     args = parser.parse_args(argv)

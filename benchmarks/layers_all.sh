@@ -19,6 +19,8 @@ step() {  # step NAME ARGS...: skipped when its markdown is already there (a fin
 }
 step compare compare --parent "$PARENT" --shares 50 65 80 --trials 200 --score-images 2000 --seed 0 \
     --finetune-epochs 1 --train-subset 10000 --runs "$OUT/runs" --out-csv benchmarks/layers_compare.csv
+step differentiable differentiable --parent "$PARENT" --shares 50 65 80 --runs "$OUT/runs" \
+    --compare-runs "$OUT/runs" --out-csv benchmarks/layers_differentiable.csv
 step speed speed --parent "$PARENT" --from-csv benchmarks/layers_compare.csv
 step ground-truth ground-truth --parent "$PARENT" --share 50 --n 2000 --score-images 1000 --seed 0 \
     --out benchmarks/ground_truth_layers50.csv
