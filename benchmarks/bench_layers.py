@@ -417,7 +417,10 @@ def speed(args) -> None:
     parent = LayersSpace(trunk=trunk).parent()
     reference = net.child_model(parent)
     header(f"Measured speed against {args.parent}, interleaved")
-    print(f"Batch sizes {args.batches}, {args.rounds} rounds (5x at batch <= 8), on {args.device}; "
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"Batch sizes {args.batches}, {args.rounds} rounds (5x at batch <= 8), on {args.device}, {args.clock} clock, "
+          f"torch on {torch.get_num_threads()} thread(s); "
           "speed-up = parent's seconds / schedule's seconds per batch, median of paired rounds.\n")
     out = []
     for share, group in table[(table["contender"] != "parent") & (table["stage"] == "frozen")
@@ -426,7 +429,7 @@ def speed(args) -> None:
                   for row in group.itertuples()}
         flops = dict(zip(group["contender"], group["flops"], strict=True))
         measured = throughput_against(reference, models, parent.img_size, parent.in_chans, tuple(args.batches),
-                                      args.rounds, args.device)
+                                      args.rounds, args.device, args.clock)
         for name in models:
             share_of_parent = float(flops[name]) / count_flops(parent)
             line = {"share": f"{share:g}%", "contender": name, "MACs (% parent)": f"{share_of_parent:.1%}"}
@@ -632,6 +635,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     s.add_argument("--rounds", type=int, default=7)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time (a shared machine; with --threads 1, latency on a quiet one)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     g = commands.add_parser("ground-truth", help="random directions scored on the parent's weights (resumable)")
     g.add_argument("--parent", default="fmnist-vit")
     g.add_argument("--share", type=float, default=50)

@@ -75,17 +75,18 @@ def forward_step(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], N
 
 def throughput_against(reference: torch.nn.Module, models: dict[str, torch.nn.Module], img_size: int, in_chans: int,
                        batch_sizes: tuple[int, ...] = (1, 256), rounds: int = 7,
-                       device: torch.device | str = "cpu") -> list[dict[str, float | int | str]]:
+                       device: torch.device | str = "cpu", clock: str = "wall") -> list[dict[str, float | int | str]]:
     """Each model's inference speed against ``reference`` at each batch size, interleaved with it: one row per
     (model, batch) with ``speedup`` (median paired ratio, > 1: faster than the reference), its quartiles and both
-    images-per-second figures. Small batches get more rounds (their steps are short and noisy)."""
+    images-per-second figures. Small batches get more rounds (their steps are short and noisy). ``clock``: as
+    ``interleaved`` takes it (``cpu``: this process's CPU time, for a shared machine)."""
     rows, base = [], "\0reference"  # a key no model's name can take
     for batch in batch_sizes:
         images = torch.randn(batch, in_chans, img_size, img_size, device=device)
         steps = {base: forward_step(reference, images)}
         steps.update({name: forward_step(model, images) for name, model in models.items()})
         n = rounds * (5 if batch <= 8 else 1)
-        timings = interleaved(steps, n)
+        timings = interleaved(steps, n, clock=clock)
         for name in models:
             speedup, low, high = timings.speed_ratio(name, base)
             rows.append({"name": name, "batch": batch, "speedup": speedup, "speedup_q1": low, "speedup_q3": high,
