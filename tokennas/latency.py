@@ -18,8 +18,12 @@ grid point once per round, medians over the rounds):
 Between grid points the tables are interpolated linearly (in the token count, and in the share of the removable tokens
 removed). The rest (patch embedding, class and positional embeddings, the final norm, the head, per-block glue) is
 calibrated from one whole forward of the parent timed in the same rounds: ``fixed = measured(parent) - sum of its
-stages``. The clock is the wall clock (latency), or this process's CPU time (``clock="cpu"``, with one thread: on a
-shared CPU other processes' load then stretches no step; see ``tokennas.speed``).
+stages``. What a reducing block costs beyond its timed stages (the glue around a reduction inside ``Block.forward``,
+which the parent does not run) is calibrated on the space's hand-set schedules at 65% of the parent's MACs
+(``LayersSpace.starts``: merging, pruning and both, in every block or some), timed in the same rounds: one
+``per_reduction`` time per reducing block, the least-squares fit of their residuals. The clock is the wall clock
+(latency), or this process's CPU time (``clock="cpu"``, with one thread: on a shared CPU other processes' load then
+stretches no step; see ``tokennas.speed``).
 
 Measured models are cached as JSON under ``~/.cache/tokennas/latency`` (``$XDG_CACHE_HOME``), keyed by the machine
 (CPU model, logical cores, torch threads, torch version, device and GPU name), the trunk, the batch size, the clock and
@@ -50,7 +54,7 @@ from .models.schedule_vit import ScheduleViTConfig, block_reduction
 from .spaces.layers import TRUNK_FIELDS
 from .speed import CLOCKS, forward_step, interleaved
 
-FORMAT = 1  # bump when the tables' layout or what they time changes: older cache files are then measured again
+FORMAT = 2  # bump when the tables' layout or what they time changes: older cache files are then measured again
 GRID_POINTS = 8  # token counts per table; quadratic spacing, denser where tokens are few
 LOCAL_FIELDS = ("cached", "cache_file")  # where this copy of a model came from: not stored in the cache file
 STEP_SECONDS = 3e-4  # a timed sample repeats a short stage until it takes about this long (batch 1: ~50 us a call)
@@ -168,7 +172,8 @@ class LatencyModel:
     ``tables``: seconds per stage at the patch-token counts ``grid`` (attention and MLP: a list over ``grid``;
     ``merge``/``drop``/``prune``: per entry of ``reduction_grid[kind]`` the mildest and strongest reduction;
     ``prune_merge``: per entry, mildest and strongest pruning step, each with the mildest and strongest merge).
-    ``fixed``: seconds outside the blocks' stages (calibrated on the parent). ``parent_seconds``: the parent's
+    ``fixed``: seconds outside the blocks' stages (calibrated on the parent). ``per_reduction``: seconds a reducing
+    block costs beyond its stages (calibrated on the hand-set schedules). ``parent_seconds``: the parent's
     measured forward. ``clock``: ``wall`` (latency) or ``cpu`` (this process's CPU time, see ``tokennas.speed``).
     ``measure_seconds``, ``measure_cpu_seconds``: how long measuring took, wall-clock and in this process's CPU time
     (on a busy machine the first is mostly other processes' time). ``cached``: read from the cache, not measured;
@@ -183,6 +188,7 @@ class LatencyModel:
     reduction_grid: dict[str, list[int]]
     tables: dict[str, list]
     fixed: float
+    per_reduction: float
     parent_seconds: float
     measure_seconds: float
     measure_cpu_seconds: float
@@ -191,7 +197,9 @@ class LatencyModel:
 
     def predict(self, config: ScheduleViTConfig) -> float:
         """Predicted seconds per forward of ``config`` (a schedule of this trunk) at this batch size."""
-        return self.fixed + sum(self.block_seconds(config))
+        plans = block_plans(config)
+        return self.fixed + sum(self.block_seconds(config)) + self.per_reduction * sum(
+            plan.reduction is not None for plan in plans)
 
     def block_seconds(self, config: ScheduleViTConfig) -> list[float]:
         """Predicted seconds of each block's stages (attention, reduction, MLP)."""
@@ -352,13 +360,17 @@ def measure(trunk: ScheduleViTConfig, batch: int = 1, *, device: torch.device | 
     # the parent timed as tokennas.speed times a model: each forward enters no grad and autocast itself
     forward = forward_step(build_model(parent), images)
     steps[("parent",)], repeats[("parent",)] = _bunched(forward, device, STEP_SECONDS, inference=False)
+    calibration = calibration_schedules(parent)
+    for name, config in calibration.items():
+        steps[("calibration", name)], repeats[("calibration", name)] = _bunched(
+            forward_step(build_model(config), images), device, STEP_SECONDS, inference=False)
     rounds = rounds or (11 if batch <= 8 else 5)
     timings = interleaved(steps, rounds, warmup=0, clock=clock)  # _bunched ran each step twice already
     seconds = {key: statistics.median(timings.seconds[key]) / repeats[key] for key in steps}
 
     tables: dict[str, list] = {}
     for key, value in seconds.items():
-        if key[0] != "parent":
+        if key[0] not in ("parent", "calibration"):
             tables.setdefault(key[0], {})[key[1:]] = value
     out: dict[str, list] = {}
     for name, entries in tables.items():
@@ -372,11 +384,28 @@ def measure(trunk: ScheduleViTConfig, batch: int = 1, *, device: torch.device | 
         else:
             out[name] = [entries[(n,)] for n in grid]
     model = LatencyModel(trunk=fields, batch=batch, machine=machine_fingerprint(device), clock=clock, grid=grid,
-                         reduction_grid=reduction_grid, tables=out, fixed=0.0, parent_seconds=seconds[("parent",)],
-                         measure_seconds=0.0, measure_cpu_seconds=0.0)
-    fixed = seconds[("parent",)] - sum(model.block_seconds(parent))
-    return dataclasses.replace(model, fixed=fixed, measure_seconds=time.perf_counter() - began,
+                         reduction_grid=reduction_grid, tables=out, fixed=0.0, per_reduction=0.0,
+                         parent_seconds=seconds[("parent",)], measure_seconds=0.0, measure_cpu_seconds=0.0)
+    model = dataclasses.replace(model, fixed=seconds[("parent",)] - sum(model.block_seconds(parent)))
+    # the least-squares time per reducing block of the calibration schedules' residuals (a line through 0)
+    residual = np.array([seconds[("calibration", name)] - model.predict(c) for name, c in calibration.items()])
+    reducing = np.array([sum(p.reduction is not None for p in block_plans(c)) for c in calibration.values()])
+    per_reduction = float(residual @ reducing / (reducing @ reducing)) if reducing.any() else 0.0
+    return dataclasses.replace(model, per_reduction=per_reduction, measure_seconds=time.perf_counter() - began,
                                measure_cpu_seconds=time.process_time() - began_cpu)
+
+
+def calibration_schedules(parent: ScheduleViTConfig) -> dict[str, ScheduleViTConfig]:
+    """The layers space's hand-set directions projected onto 65% of ``parent``'s MACs, those that reduce."""
+    from .flops import count_flops
+    from .spaces import Inputs
+    from .spaces.layers import LayersSpace
+
+    trunk = trunk_of(parent)
+    space = LayersSpace(trunk=trunk, budget=int(0.65 * count_flops(parent)))
+    inputs = Inputs(parent.img_size, parent.in_chans, parent.num_classes)
+    built = {name: space.build(params, inputs) for name, params in space.starts(inputs).items()}
+    return {name: config for name, config in built.items() if config.keep_tokens}
 
 
 # -- the cache --
@@ -411,8 +440,8 @@ def read_cached(path: Path, key: dict[str, Any]) -> LatencyModel | None:
         if shapes != table_shapes(ScheduleViTConfig(**model.trunk), key["points"]):
             return None
         values = np.concatenate([np.ravel(np.asarray(table, dtype=float)) for table in model.tables.values()])
-        scalars = np.asarray([model.fixed, model.parent_seconds, model.measure_seconds, model.measure_cpu_seconds],
-                             dtype=float)
+        scalars = np.asarray([model.fixed, model.per_reduction, model.parent_seconds, model.measure_seconds,
+                              model.measure_cpu_seconds], dtype=float)
         if not (np.all(np.isfinite(values)) and np.all(values > 0) and np.all(np.isfinite(scalars))):
             return None
         return model
