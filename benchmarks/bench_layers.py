@@ -416,9 +416,9 @@ def speed(args) -> None:
     trunk, net, _ = open_parent(args.parent, 0)
     parent = LayersSpace(trunk=trunk).parent()
     reference = net.child_model(parent)
-    header(f"Measured speed against {args.parent}, interleaved")
     if args.threads:
         torch.set_num_threads(args.threads)
+    header(f"Measured speed against {args.parent}, interleaved")
     print(f"Batch sizes {args.batches}, {args.rounds} rounds (5x at batch <= 8), on {args.device}, {args.clock} clock, "
           f"torch on {torch.get_num_threads()} thread(s); "
           "speed-up = parent's seconds / schedule's seconds per batch, median of paired rounds.\n")
