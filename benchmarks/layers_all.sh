@@ -24,4 +24,11 @@ step differentiable differentiable --parent "$PARENT" --shares 50 65 80 --runs "
 step speed speed --parent "$PARENT" --from-csv benchmarks/layers_compare.csv
 step ground-truth ground-truth --parent "$PARENT" --share 50 --n 2000 --score-images 1000 --seed 0 \
     --out benchmarks/ground_truth_layers50.csv
-step replay replay --table benchmarks/ground_truth_layers50.csv --seeds 20 --evals 300
+# a live TPE search scored on the same 1,000 validation images as the table (make search's command), for replay --live
+LIVE="$OUT/live/tpe"
+if [ ! -s "$LIVE/summary.md" ]; then
+    if [ -f "$LIVE/search.yaml" ]; then ARGS=(--resume "$LIVE"); else ARGS=(--space layers --parent "$PARENT"
+        --flops 50% --trials 200 --seed 0 --out "$LIVE"); fi
+    .venv/bin/tokennas search "${ARGS[@]}" --quiet
+fi
+step replay replay --table benchmarks/ground_truth_layers50.csv --seeds 20 --evals 300 --live "$LIVE"
