@@ -105,13 +105,21 @@ def sampler(name: str) -> optuna.samplers.BaseSampler:
     return S.make_sampler(name, 0, 1_000_000)
 
 
+def encoding() -> str:
+    """A short digest of the space's distributions: the cached studies are built for one encoding."""
+    import hashlib
+
+    dists = get_space(SPACE).distributions(Inputs())
+    return hashlib.sha256(repr(sorted(dists.items())).encode()).hexdigest()[:8]
+
+
 def open_sized(size: int, storage: str, sampler_name: str, cache: Path, scratch: Path) -> optuna.Study:
     """A study of ``size`` existing trials: in memory (built now), or a copy of the cached SQLite file."""
     if storage == "memory":
         study = S.open_study(optuna.storages.InMemoryStorage(), "acc", sampler(sampler_name), create=True)
         study.add_trials(existing(size))
         return study
-    built = cache / f"{SPACE}-{size}.db"
+    built = cache / f"{SPACE}-{size}-{encoding()}.db"  # a study of another encoding is not reused
     if not built.exists():
         partial = built.with_name(f".{built.name}.tmp")
         partial.unlink(missing_ok=True)
