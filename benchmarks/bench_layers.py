@@ -392,7 +392,7 @@ def differentiable(args) -> None:
             config = config_from_dict(json.loads(match["config"].iloc[0]))
             hits = correct(net.child_model(config), batches)
             diff, low, high = paired_interval(mine, hits)
-            label = "frozen strategy (TPE, 200 trials)" if name == "searched" else name
+            label = "frozen strategy's best" if name == "searched" else name
             wall_other = run_wall_seconds(args.compare_runs / f"share{share:g}") if name == "searched" else None
             out.append({"share": f"{share:g}%", "contender": label, "tokens": tokens_text(config),
                         "MACs (% parent)": f"{count_flops(config) / count_flops(parent):.1%}",

@@ -48,8 +48,18 @@ def test_every_subcommand_on_a_tiny_parent(tmp_path, capsys):
     assert all(json.loads(c)["family"] == "schedule_vit" for c in fits["config"])
     assert set(frame[frame["stage"] == "finetuned1"]["contender"]) == {"searched", "ToMe constant r"}
 
-    bench.main(["speed", "--parent", parent, "--from-csv", str(compare_csv), "--batches", "1", "4", "--rounds", "1"])
+    bench.main(["speed", "--parent", parent, "--from-csv", str(compare_csv), "--batches", "1", "4", "--rounds", "1",
+                "--clock", "cpu", "--threads", "1"])
     assert "batch 1" in capsys.readouterr().out
+
+    diff_csv, runs = tmp_path / "diff.csv", str(tmp_path / "runs")
+    bench.main(["differentiable", "--parent", parent, "--shares", "50", "--score-images", "100", "--from-csv",
+                str(compare_csv), "--compare-runs", runs, "--runs", runs, "--out-csv", str(diff_csv)])
+    assert "differentiable - it (95% CI)" in capsys.readouterr().out
+    learned = pd.read_csv(diff_csv)
+    assert set(learned["contender"]) == {"differentiable", "frozen strategy's best", "ToMe constant r"}
+    assert (learned["flops"] <= budget).all() and learned["test_acc"].between(0, 1).all()
+    assert learned[learned["contender"] == "differentiable"]["wall_seconds"].iloc[0] > 0
 
     table = tmp_path / "gt.csv"
     for n in (6, 10):  # the second run resumes: only the 4 new rows are scored
@@ -57,6 +67,7 @@ def test_every_subcommand_on_a_tiny_parent(tmp_path, capsys):
     rows = pd.read_csv(table)
     assert sorted(rows["row"]) == list(range(10)) and rows["val_acc"].between(0, 1).all()
 
-    bench.main(["replay", "--table", str(table), "--seeds", "1", "--evals", "8"])
+    bench.main(["replay", "--table", str(table), "--seeds", "1", "--evals", "8", "--live", f"{runs}/share50"])
     out = capsys.readouterr().out
     assert "NEAREST" in out and all(s in out for s in ("random", "tpe", "cmaes", "nsga2"))
+    assert "Live searches" in out and "tpe, seed 0, live" in out
