@@ -193,10 +193,21 @@ def scored_count(run: Path) -> int:
     return int(((trials["role"] == "candidate") & (trials["state"] == "COMPLETE")).sum())
 
 
+def run_tokennas(argv: list[str], log: Path, what: str) -> None:
+    """``tokennas ARGV`` in this process, its output appended to ``log``; a non-zero exit raises, naming ``what``."""
+    from tokennas.cli import main
+
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            main(argv)
+        except SystemExit as exit_:
+            if exit_.code:
+                raise RuntimeError(f"{what} failed, see {log}") from None
+
+
 def searched_schedule(args, share: float, runs: Path) -> tuple[ScheduleViTConfig, str]:
     """The best schedule of ``tokennas search --space layers`` at ``share``; a finished run in ``runs`` is reused, an
     interrupted one resumed. The search's own output goes to ``runs/share{share}.log``."""
-    from tokennas.cli import main
 
     out = runs / f"share{share:g}"
     if scored_count(out) < args.trials:  # not there, or stopped early (an interrupted run exports its best too)
@@ -205,12 +216,7 @@ def searched_schedule(args, share: float, runs: Path) -> tuple[ScheduleViTConfig
         argv += ["--resume", str(out)] if (out / "search.yaml").exists() else [  # an interrupted run continues
             "--space", "layers", "--parent", args.parent, "--flops", f"{share:g}%", "--score-images",
             str(args.score_images), "--seed", str(args.seed), "--out", str(out)]
-        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            try:
-                main(argv)
-            except SystemExit as exit_:
-                if exit_.code:
-                    raise RuntimeError(f"the search at {share:g}% failed, see {log}") from None
+        run_tokennas(argv, log, f"the search at {share:g}%")
     if scored_count(out) < args.trials:
         raise RuntimeError(f"the search at {share:g}% scored {scored_count(out)} of {args.trials}, see {out}")
     best = sorted((out / "best").glob("01-*.yaml"))[0]
@@ -343,7 +349,6 @@ def differentiable(args) -> None:
     resumed), its best schedule's test accuracy against the frozen strategy's best and ToMe's constant r from the
     compare CSV (the same test images; paired bootstrap intervals of differentiable minus each), and the wall time
     of each search (this run's own, measured here; the sampler's from its study.db)."""
-    from tokennas.cli import main
 
     table = pd.read_csv(args.from_csv, keep_default_na=False)
     trunk, net, data = open_parent(args.parent, args.seed)
@@ -367,20 +372,18 @@ def differentiable(args) -> None:
                                                                   str(args.score_images), "--seed", str(args.seed),
                                                                   "--out", str(run)])
             started = time.perf_counter()
-            with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-                try:
-                    main(argv)
-                except SystemExit as exit_:
-                    if exit_.code:
-                        raise RuntimeError(f"the differentiable search at {share:g}% failed, see {log}") from None
-            with open(timing, "a") as f:
-                f.write(f"{time.perf_counter() - started:.1f}\n")
+            try:
+                run_tokennas(argv, log, f"the differentiable search at {share:g}%")
+            finally:  # a session that fails or is interrupted still took its time (a resume adds the next one)
+                with open(timing, "a") as f:
+                    f.write(f"{time.perf_counter() - started:.1f}\n")
         wall = sum(float(x) for x in timing.read_text().split()) if timing.exists() else math.nan
         best = load_config(str(sorted((run / "best").glob("01-*.yaml"))[0]))
         mine = correct(net.child_model(best), batches)
         line = {"share": f"{share:g}%", "contender": "differentiable", "tokens": tokens_text(best),
                 "MACs (% parent)": f"{count_flops(best) / count_flops(parent):.1%}", "test acc": f"{mine.mean():.4f}",
-                "differentiable - it (95% CI)": "", "search wall time": f"{wall / 60:.0f} min"}
+                "differentiable - it (95% CI)": "",
+                "search wall time": "not recorded" if math.isnan(wall) else f"{wall / 60:.0f} min"}
         out.append(line)
         rows.append({"share": share, "contender": "differentiable", "flops": count_flops(best),
                      "test_acc": float(mine.mean()), "wall_seconds": wall, "config": json.dumps(best.to_dict())})

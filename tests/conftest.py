@@ -9,6 +9,16 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny ops run several times faster (above all on a shared 2-core machine),
+    and timings count no thread waiting for another."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

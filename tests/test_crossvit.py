@@ -68,13 +68,6 @@ def random_config(rng: random.Random) -> CrossViTConfig:
     )
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models trace faster on one thread, more so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow  # about 45 s: fvcore traces of random configs

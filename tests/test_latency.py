@@ -32,12 +32,7 @@ SMALL = ScheduleViTConfig(img_size=8, in_chans=1, num_classes=10, patch_size=2, 
 QUICK = {"points": 4, "rounds": 3, "clock": "cpu"}  # cache tests: what is measured matters, not how well
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 def layers_schedules(shares: tuple[float, ...], seed: int) -> list[ScheduleViTConfig]:

@@ -16,14 +16,7 @@ from tokennas.flops import flops_by_module
 from tokennas.models.supertoken import SuperTokenConfig
 from tokennas.spaces import Inputs, get_space
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run several times faster on one thread, above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's
 
 
 SMALL = dict(img_size=32, in_chans=1, num_classes=10, patch_size=4, window_size=2, embed_dim=32, num_heads=2)

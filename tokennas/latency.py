@@ -49,9 +49,11 @@ import numpy as np
 import torch
 
 from .config import build_model
+from .flops import count_flops
 from .models.layers import Block, TokenDrop, TokenMerge, TokenPrune, TokenPruneMerge
 from .models.schedule_vit import ScheduleViTConfig, block_reduction
-from .spaces.layers import TRUNK_FIELDS
+from .spaces import Inputs
+from .spaces.layers import TRUNK_FIELDS, LayersSpace
 from .speed import CLOCKS, forward_step, interleaved
 
 FORMAT = 2  # bump when the tables' layout or what they time changes: older cache files are then measured again
@@ -197,15 +199,15 @@ class LatencyModel:
 
     def predict(self, config: ScheduleViTConfig) -> float:
         """Predicted seconds per forward of ``config`` (a schedule of this trunk) at this batch size."""
-        plans = block_plans(config)
-        return self.fixed + sum(self.block_seconds(config)) + self.per_reduction * sum(
-            plan.reduction is not None for plan in plans)
+        return self.fixed + sum(self.block_seconds(config))
 
     def block_seconds(self, config: ScheduleViTConfig) -> list[float]:
-        """Predicted seconds of each block's stages (attention, reduction, MLP)."""
+        """Predicted seconds of each block: its stages (attention, reduction, MLP), and ``per_reduction`` where it
+        reduces."""
         self.check(config)
         return [self.attention(plan.attention, plan.tokens, plan.sized) + self.reduction(plan)
-                + self.stage("mlp", plan.keep) for plan in block_plans(config)]
+                + self.stage("mlp", plan.keep) + (self.per_reduction if plan.reduction else 0.0)
+                for plan in block_plans(config)]
 
     def check(self, config: ScheduleViTConfig) -> None:
         """A ``ValueError`` naming the first trunk field in which ``config`` differs from the measured trunk."""
@@ -397,10 +399,6 @@ def measure(trunk: ScheduleViTConfig, batch: int = 1, *, device: torch.device | 
 
 def calibration_schedules(parent: ScheduleViTConfig) -> dict[str, ScheduleViTConfig]:
     """The layers space's hand-set directions projected onto 65% of ``parent``'s MACs, those that reduce."""
-    from .flops import count_flops
-    from .spaces import Inputs
-    from .spaces.layers import LayersSpace
-
     trunk = trunk_of(parent)
     space = LayersSpace(trunk=trunk, budget=int(0.65 * count_flops(parent)))
     inputs = Inputs(parent.img_size, parent.in_chans, parent.num_classes)
