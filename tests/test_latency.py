@@ -22,6 +22,7 @@ from tokennas.config import build_model, load_config
 from tokennas.latency import block_plans, cache_key, cache_path, default_cache_dir, latency_model, read_cached
 from tokennas.models.layers import TokenDrop, TokenMerge, TokenPrune, TokenPruneMerge
 from tokennas.models.schedule_vit import ScheduleViTConfig
+from tokennas.report.tables import pareto_mask
 from tokennas.spaces import Inputs
 from tokennas.spaces.layers import LayersSpace
 from tokennas.speed import forward_step, interleaved
@@ -192,6 +193,7 @@ def test_a_pareto_latency_search_keeps_the_latency_budget(tiny_parent, tmp_path,
              "pareto-latency", "--latency", str(limit), "--trials", "5", "--score-images", "200", "--top", "3",
              "--seed", "0", "--quiet", "--out", str(run_dir)])
     frame = pd.read_csv(run_dir / "trials.csv")
+    summary = (run_dir / "summary.md").read_text()
     column = "predicted_latency_ms_batch1"
     candidates = frame[frame["role"] == "candidate"]
     assert candidates[column].notna().all()
@@ -207,8 +209,13 @@ def test_a_pareto_latency_search_keeps_the_latency_budget(tiny_parent, tmp_path,
     assert column in pd.read_csv(run_dir / "ranking.csv").columns
     timed = [line.split(" | ")[0].strip("| ") for line in (run_dir / "summary.md").read_text().splitlines()
              if line.startswith("| trial ") or line.startswith("| reference ")]
-    assert set(timed) == {f"trial {p.name.split('-')[1][5:]}" for p in best} | {"reference"}  # what is exported
-    summary = (run_dir / "summary.md").read_text()
+    front = scored[pareto_mask(scored, cost=column)]  # every schedule on the front of predicted latency is timed
+    exported = {f"trial {p.name.split('-')[1][5:]}" for p in best}
+    assert set(timed) == exported | {f"trial {int(n)}" for n in front["number"]} | {"reference"}
+    measured = "measured_latency_ms_batch1"  # and trials.csv has its measured latency: the report's front
+    assert set(scored[scored[measured].notna()]["number"]) == {int(name[6:]) for name in set(timed) - {"reference"}}
+    assert frame.loc[frame["role"] == "baseline", measured].notna().all()
+    assert "Front in measured latency (measured_latency_ms_batch1, pareto.png; the parent " in summary
     assert f"and {limit:g} ms at batch 1" in summary and "pareto-latency (accuracy up, predicted ms" in summary
     assert "predicted ms at batch 1 (measured)" in summary and "speed at batch 256" in summary
     assert "read from its cache" in summary and f"cached in `{model.cache_file}` (delete it" in summary

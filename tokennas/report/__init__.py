@@ -17,9 +17,9 @@ from ..search.studies.storage import open_run_study
 from ..train import write_atomic
 from .export import export_best
 from .page import write_html
-from .plots import cost_axis, plot_pareto, rates_figure, write_mosaic
+from .plots import cost_axes, plot_pareto, rates_figure, write_mosaic
 from .summary import schedule_lines, summary_markdown
-from .tables import final_ranking, retrain_table, trial_table
+from .tables import final_ranking, measured_column, measured_ms, pareto_mask, retrain_table, trial_table
 from .write import write_text
 
 
@@ -36,8 +36,9 @@ def write_reports(run_dir: Path) -> None:
     for name, table in (("trials.csv", frame), ("retrain.csv", retrained), ("ranking.csv", ranking)):
         write_atomic(run_dir / name, lambda tmp, t=table: t.to_csv(tmp, index=False))
     best = export_best(study, settings.objective, settings.top, run_dir / "best", epochs)
-    axis = cost_axis(settings, frame)  # MACs, or the predicted latency with --objective pareto-latency
-    plot_pareto(frame, settings.budget, run_dir / "pareto.png", ranking, axis)
+    # MACs; with --objective pareto-latency, the measured latency of what was timed, then the predicted one of all
+    axes = cost_axes(settings, frame, measured_ms(study).get("parent"))
+    plot_pareto(frame, settings.budget, run_dir / "pareto.png", ranking, axes[0])
     mosaic = run_dir / "mosaic.png" if write_mosaic(settings, study, frame, run_dir / "mosaic.png") else None
     baseline = study.user_attrs.get("baseline", {"config": None, "note": "not recorded"})
     summary = summary_markdown(settings, frame, ranking, best, baseline, strategy.describe(settings, run_dir),
@@ -49,7 +50,7 @@ def write_reports(run_dir: Path) -> None:
         if rates.is_file() else []
     write_html(study, frame, settings.objective, settings.budget,
                f"tokennas {settings.space} search under {settings.flops} MACs", run_dir / "report.html", mosaic,
-               ranking, summary, extra, axis)
+               ranking, summary, extra, axes)
     write_text(run_dir / "summary.md", summary)
 
 
@@ -70,5 +71,23 @@ def _schedules(study, frame, baseline: dict, evaluated: str) -> list[str]:
         if len(ref):
             accs["reference"] = float(ref["val_acc"].iloc[0])
     latency = study.user_attrs.get("latency")
-    return schedule_lines(speed, configs, accs, evaluated, predicted if latency else None,
-                          latency["batch"] if latency else None)
+    lines = schedule_lines(speed, configs, accs, evaluated, predicted if latency else None,
+                           latency["batch"] if latency else None)
+    return lines + _measured_front(frame, measured_ms(study).get("parent"))
+
+
+def _measured_front(frame: pd.DataFrame, parent_ms: float | None) -> list[str]:
+    """The Pareto front in measured latency (what ``pareto.png`` draws with ``--objective pareto-latency``), and how
+    many of the timed schedules ran slower than the parent."""
+    column = measured_column(frame)
+    timed = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
+    timed = timed[timed[column].notna()] if column else timed.iloc[:0]
+    if timed.empty or parent_ms is None:
+        return []
+    front = timed[pareto_mask(timed, cost=column)].sort_values(column)
+    cells = ", ".join(f"trial {r.number} ({getattr(r, column):.3g} ms, {r.val_acc:.4f})"
+                      for r in front.itertuples())
+    slower = int((front[column] > parent_ms).sum())
+    return ["", f"Front in measured latency ({column}, pareto.png; the parent {parent_ms:.3g} ms): {cells}. "
+                f"{slower} of its {len(front)} schedules ran slower than the parent; {len(timed)} schedules timed "
+                "(the front of predicted latency and the top ones)."]

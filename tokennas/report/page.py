@@ -66,10 +66,10 @@ def markdown_html(text: str) -> str:
 
 def write_html(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int, title: str, path: Path,
                mosaic: Path | None = None, ranking: pd.DataFrame | None = None, summary: str = "",
-               extra: list[tuple[str, object]] | None = None, axis: CostAxis | None = None) -> None:
+               extra: list[tuple[str, object]] | None = None, axes: list[CostAxis] | None = None) -> None:
     """One self-contained page: the summary rendered from its markdown, plotly.js inlined once, the mosaic
-    picture (if any) as data, ``extra`` (title, figure) pairs after the standard figures; ``axis``: the accuracy
-    figure's x axis (default: MACs)."""
+    picture (if any) as data, ``extra`` (title, figure) pairs after the standard figures; ``axes``: the accuracy
+    figures' x axes, one figure each (default: MACs)."""
     parts, plotly_js = [], "inline"
     if summary:
         parts.append(markdown_html(summary))
@@ -80,7 +80,7 @@ def write_html(study: optuna.Study, frame: pd.DataFrame, objective: str, budget:
         data = base64.b64encode(mosaic.read_bytes()).decode()
         parts.append("<h2>Mosaic of the best config over validation images</h2>"
                      f"<img src='data:image/png;base64,{data}'>")
-    for heading, figure in figures(study, frame, objective, budget, axis) + (extra or []):
+    for heading, figure in figures(study, frame, objective, budget, axes) + (extra or []):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if isinstance(figure, str):
             parts.append(f"<p>{html.escape(figure)}</p>")

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from ..config import config_from_dict
 from ..flops import format_flops
 from ..search.studies import study as S
-from .tables import latency_column, pareto_mask, ranked
+from .tables import latency_column, measured_column, pareto_mask, ranked
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,21 +38,31 @@ class CostAxis:
     budget: float | None = None
     budget_text: str = ""
     log: bool = True
+    parent: float | None = None  # the parent's own figure on this axis, drawn as a line (measured latency)
 
 
 def flops_axis(budget: int) -> CostAxis:
     return CostAxis(budget=budget, budget_text=f"budget {format_flops(budget)}")
 
 
-def cost_axis(settings, frame: pd.DataFrame) -> CostAxis:
-    """MACs against the ``--flops`` budget; with ``--objective pareto-latency``, the predicted latency (ms per forward
-    at ``--latency-batch`` images) against ``--latency`` (when given)."""
+def cost_axes(settings, frame: pd.DataFrame, parent_ms: float | None = None) -> list[CostAxis]:
+    """The accuracy figures' x axes, the first one ``pareto.png``'s: MACs against the ``--flops`` budget; with
+    ``--objective pareto-latency``, the latency (ms per forward at ``--latency-batch`` images) measured after the
+    search, where the speed step timed the front (``parent_ms``: the parent's, measured beside them), then the
+    predicted latency of every proposal, against ``--latency`` (when given)."""
     column = latency_column(frame) if settings.objective == "pareto-latency" else None
     if column is None:
-        return flops_axis(settings.budget)
-    label = f"predicted latency (ms per forward of {settings.latency_batch} image{'s' * (settings.latency_batch > 1)})"
-    return CostAxis(column, label, f"predicted ms at batch {settings.latency_batch}", settings.latency,
-                    f"budget {settings.latency:g} ms" if settings.latency else "", log=False)
+        return [flops_axis(settings.budget)]
+    batch = settings.latency_batch
+    images = f"{batch} image{'s' * (batch > 1)}"
+    budget = (settings.latency, f"budget {settings.latency:g} ms (predicted)" if settings.latency else "")
+    axes = [CostAxis(column, f"predicted latency (ms per forward of {images})", f"predicted ms at batch {batch}",
+                     *budget, log=False)]
+    measured = measured_column(frame)
+    if measured is not None and frame[measured].notna().any():
+        axes.insert(0, CostAxis(measured, f"measured latency (ms per forward of {images}; timed schedules only)",
+                                f"measured ms at batch {batch}", *budget, log=False, parent=parent_ms))
+    return axes
 
 
 def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None = None,
@@ -67,6 +77,7 @@ def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None
 
     axis = axis or flops_axis(budget)
     x = axis.column
+    frame = frame[frame[x].notna()]  # on a measured axis, only what was timed
     candidates, baseline = frame[frame["role"] == "candidate"], frame[frame["role"] == "baseline"]
     done = candidates[candidates["state"] == "COMPLETE"]
     pruned = candidates[(candidates["state"] == "PRUNED") & candidates["val_acc"].notna()]
@@ -109,6 +120,8 @@ def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None
                             color=color, mfc="white", capsize=3, zorder=5, label=label)
     if axis.budget is not None:
         ax.axvline(axis.budget, color="black", ls="--", lw=1, label=axis.budget_text)
+    if axis.parent is not None:
+        ax.axvline(axis.parent, color="tab:red", ls=":", lw=1.5, label=f"parent {axis.parent:.3g} ms")
     if axis.log:
         ax.set_xscale("log")
     ax.set_ylabel("validation accuracy")
@@ -173,18 +186,11 @@ def history_figure(frame: pd.DataFrame) -> PlotlyFigure | str:
     return figure
 
 
-def figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int,
-            axis: CostAxis | None = None) -> list[tuple[str, object]]:
-    """Plotly figures for the HTML report, each (title, figure or an explanation string); the accuracy figure's x
-    axis is ``axis`` (default: the MACs against ``budget``)."""
-    import plotly.graph_objects as go
-    from optuna.importance import FanovaImportanceEvaluator
-    from optuna.visualization import plot_param_importances
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials" is said in the page itself
-    figures: list[tuple[str, object]] = []
-    axis = axis or flops_axis(budget)
+def accuracy_figure(frame: pd.DataFrame, axis: CostAxis) -> PlotlyFigure:
+    """Accuracy against the axis' cost: trials, the Pareto front, the baseline, the budget (and the parent) lines, the
+    over-budget proposals on a strip underneath; rows with no figure on the axis (not timed) are left out."""
     x = axis.column
+    frame = frame[frame[x].notna()]
     done = frame[(frame["state"] == "COMPLETE") & (frame["role"] == "candidate")]
     scatter, apart = _with_strip(frame, ["INFEASIBLE"])
     for state, color in (("COMPLETE", "#1f77b4"), ("PRUNED", "#7f7f7f")):
@@ -204,11 +210,28 @@ def figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: in
         scatter.add_vline(x=axis.budget, line_dash="dash", annotation_text=axis.budget_text, row=1, col=1)
         if len(apart):  # the line again through the strip, to show which side of it the proposals fell
             scatter.add_vline(x=axis.budget, line_dash="dash", row=2, col=1)
+    if axis.parent is not None:
+        scatter.add_vline(x=axis.parent, line_dash="dot", line_color="#d62728",
+                          annotation_text=f"parent {axis.parent:.3g} ms", row=1, col=1)
     if axis.log:
         scatter.update_xaxes(type="log")
     scatter.update_xaxes(title_text=axis.short, row=2 if len(apart) else 1, col=1)
     scatter.update_yaxes(title_text="validation accuracy", row=1, col=1)
-    figures.append((f"Accuracy against {'FLOPs' if x == 'flops' else 'predicted latency'}", scatter))
+    return scatter
+
+
+def figures(study: optuna.Study, frame: pd.DataFrame, objective: str, budget: int,
+            axes: list[CostAxis] | None = None) -> list[tuple[str, object]]:
+    """Plotly figures for the HTML report, each (title, figure or an explanation string); one accuracy figure per
+    x axis of ``axes`` (default: the MACs against ``budget``)."""
+    import plotly.graph_objects as go
+    from optuna.importance import FanovaImportanceEvaluator
+    from optuna.visualization import plot_param_importances
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials" is said in the page itself
+    done = frame[(frame["state"] == "COMPLETE") & (frame["role"] == "candidate")]
+    figures: list[tuple[str, object]] = [(f"Accuracy against {axis.short}", accuracy_figure(frame, axis))
+                                         for axis in axes or [flops_axis(budget)]]
     # our own history: Optuna's would draw the over-budget proposals, told to it as value 0, at accuracy 0
     figures.append(("Optimisation history", history_figure(frame)))
     feasible = [t for t in study.trials if t.state == TrialState.COMPLETE and S.trained(t)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
@@ -44,12 +45,34 @@ def _seconds(t) -> float | None:
 
 
 LATENCY_COLUMN = "predicted_latency_ms_batch"  # + the batch size: trials.csv says what the latency figure is
+MEASURED_COLUMN = "measured_latency_ms_batch"  # the same batch, timed after the search (the frozen strategy's speed)
 
 
 def latency_column(frame: pd.DataFrame) -> str | None:
     """The predicted-latency column of a trial table (``predicted_latency_ms_batchN``), None when the run predicted
     no latency."""
     return next((c for c in frame.columns if c.startswith(LATENCY_COLUMN)), None)
+
+
+def measured_column(frame: pd.DataFrame) -> str | None:
+    """The measured-latency column of a trial table (``measured_latency_ms_batchN``), None when nothing was timed at
+    the predicted latency's batch."""
+    return next((c for c in frame.columns if c.startswith(MEASURED_COLUMN)), None)
+
+
+def measured_ms(study: optuna.Study) -> dict[str, float]:
+    """Milliseconds per forward at the latency model's batch, as the speed step measured them (median step), by
+    name: ``trial N``, ``reference`` and ``parent``; empty when the run predicted no latency or timed nothing at
+    that batch."""
+    latency, speed = study.user_attrs.get("latency"), study.user_attrs.get("speed") or []
+    if not latency:
+        return {}
+    batch = latency["batch"]
+    rows = [row for row in speed if row["batch"] == batch]
+    out = {row["name"]: 1e3 * batch / row["images_per_s"] for row in rows}
+    if rows:  # the parent was timed beside each of them: its median over all their rounds
+        out["parent"] = float(np.median([1e3 * batch / row["reference_images_per_s"] for row in rows]))
+    return out
 
 
 def cost_column(frame: pd.DataFrame, objective: str) -> str:
@@ -69,13 +92,17 @@ def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.Dat
     proposed instead (``study.SkipTried``).
     The uniform baseline's reference run, when given ``runs``, is the row with ``role`` baseline. A run that
     predicted latency (``tokennas.latency``) has ``predicted_latency_ms_batchN``: milliseconds per forward of N
-    images, as the model predicted them (the baseline is not predicted)."""
+    images, as the model predicted them (the baseline is not predicted), and ``measured_latency_ms_batchN`` for the
+    schedules the speed step timed at that batch (the baseline's reference too)."""
     latency = study.user_attrs.get("latency")
     predicted = f"{LATENCY_COLUMN}{latency['batch']}" if latency else None
+    timed = measured_ms(study)
+    measured = f"{MEASURED_COLUMN}{latency['batch']}" if timed else None
     rows = []
     for t in study.trials:
         rows.append({"number": t.number, "role": "candidate", "state": _state(t), "flops": t.user_attrs.get("flops"),
                      **({predicted: t.user_attrs.get("latency_ms")} if predicted else {}),
+                     **({measured: timed.get(f"trial {t.number}")} if measured else {}),
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": t.user_attrs.get("epochs", 0), "seconds": _seconds(t),
                      "repeat_of": t.user_attrs.get("repeat_of"), "error": _reason(t), "node": t.user_attrs.get("node"),
@@ -83,11 +110,13 @@ def trial_table(study: optuna.Study, runs: optuna.Study | None = None) -> pd.Dat
                      "moved": bool(t.user_attrs.get("moved")), **{f"param_{k}": v for k, v in t.params.items()}})
     for t in _runs(runs, "search"):
         rows.append({"number": None, "role": "baseline", "state": _state(t), "flops": t.user_attrs.get("flops"),
+                     **({measured: timed.get("reference")} if measured else {}),
                      "params": t.user_attrs.get("params"), "val_acc": t.user_attrs.get("val_acc"),
                      "epochs": len(t.user_attrs.get("history", [])), "seconds": _seconds(t), "repeat_of": None,
                      "error": _reason(t), "node": t.user_attrs.get("node"), "scored": _scored(t), "fallback": False,
                      "moved": False})
-    columns = ["number", "role", "state", "flops", *([predicted] if predicted else []), "params", "val_acc", "epochs",
+    columns = ["number", "role", "state", "flops", *([predicted] if predicted else []),
+               *([measured] if measured else []), "params", "val_acc", "epochs",
                "seconds", "repeat_of", "error", "node", "scored", "fallback", "moved"]
     frame = pd.DataFrame(rows, columns=None if rows else columns)
     frame["number"] = frame["number"].astype("Int64")

@@ -11,14 +11,17 @@ ViT, scored on its own weights.
    the validation split (the same ``BudgetSearcher`` and scoring loop as the one-shot strategy: repeats are never scored
    twice). The space's reference, ToMe's constant r within the budget, is scored the same way.
 3. **Speed.** The ``--top`` schedules and the reference are timed against the parent at batch 1 and batch 256,
-   interleaved (``tokennas.speed``); the report lists their speed-ups and flags any slower than the parent.
+   interleaved (``tokennas.speed``); the report lists their speed-ups and flags any slower than the parent. With
+   ``--objective pareto-latency`` every schedule on the front of predicted latency is timed too (and at
+   ``--latency-batch``): the report's front is drawn in measured latency.
 4. **Fine-tuning** (optional, ``--finetune-epochs N``): the top ``--retrain-top`` schedules and the reference are
    fine-tuned from the parent's weights for N epochs on ``--retrain-seeds`` seeds, through Ray Tune, and re-ranked.
 
 With ``--objective pareto-latency`` (accuracy against predicted latency) or a ``--latency MS`` budget, every proposal's
 latency at ``--latency-batch`` images is predicted by a latency model of the parent's trunk (``tokennas.latency``),
 measured on this machine before the search starts (or read from its cache); a proposal predicted over ``--latency``
-is infeasible, as one over the MACs budget. The measured speed of step 3 stays the check of those predictions.
+is infeasible, as one over the MACs budget. The measured speed of step 3 is the check of those predictions, and the
+front the report draws.
 """
 
 from __future__ import annotations
@@ -138,21 +141,27 @@ def enqueue_starts(ctx: StageContext) -> None:
 
 
 def measure_speed(ctx: StageContext) -> None:
-    """Time the ``--top`` schedules and the reference against the parent (batch 1 and 256, interleaved); the rows go
-    into the study (``speed``), which the report reads."""
+    """Time the ``--top`` schedules and the reference against the parent (batch 1 and 256, interleaved); with
+    ``--objective pareto-latency``, every schedule on the front of predicted latency too, at ``--latency-batch`` as
+    well, so that the report draws the front in measured latency. The rows go into the study (``speed``), which the
+    report reads."""
     from ...report.tables import ranked, trial_table
 
     settings, study = ctx.settings, ctx.study
-    top = ranked(trial_table(study), settings.objective).head(settings.top)
+    order = ranked(trial_table(study), settings.objective)
+    timed = order.head(settings.top)
+    if settings.objective == "pareto-latency" and len(order):
+        timed = order[order.index.isin(timed.index) | order["pareto"]]
     measured = {row["name"] for row in study.user_attrs.get("speed", [])}
-    if top.empty or measured == {f"trial {int(n)}" for n in top["number"]} | {"reference"} & measured:
+    if timed.empty or measured == {f"trial {int(n)}" for n in timed["number"]} | {"reference"} & measured:
         return  # these very schedules were timed (a resumed run that scored nothing better)
     net = Supernet.load(supernet_path(ctx.run_dir)).eval()
     configs = {t.number: t.user_attrs["config"] for t in study.get_trials(deepcopy=False)
-               if t.number in set(top["number"])}
-    models = {f"trial {int(n)}": net.child_model(config_from_dict(configs[int(n)])) for n in top["number"]}
+               if t.number in set(timed["number"])}
+    models = {f"trial {int(n)}": net.child_model(config_from_dict(configs[int(n)])) for n in timed["number"]}
     if ctx.prepared.baseline is not None:
         models["reference"] = net.child_model(ctx.prepared.baseline)
     parent = net.child_model(ctx.prepared.space.parent())
-    rows = throughput_against(parent, models, settings.img_size, ctx.prepared.inputs.in_chans, SPEED_BATCHES)
+    batches = tuple(sorted(set(SPEED_BATCHES) | ({settings.latency_batch} if settings.uses_latency else set())))
+    rows = throughput_against(parent, models, settings.img_size, ctx.prepared.inputs.in_chans, batches)
     study.set_user_attr("speed", rows)
