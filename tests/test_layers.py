@@ -167,6 +167,13 @@ def test_a_layers_search_on_a_frozen_parent(tiny_parent, tmp_path, capsys):
              if line.startswith("| trial ") or line.startswith("| reference ")]
     best = sorted((run_dir / "best").glob("*.yaml"))
     assert set(timed) == {f"trial {p.name.split('-')[1][5:]}" for p in best} | {"reference"}  # the new top, timed
+    # every candidate is scored, but a larger --top has schedules nobody timed: the stage is not done until they are
+    main_ok(["search", "--resume", str(run_dir), "--top", "4", "--quiet"])
+    timed = [line.split(" | ")[0].strip("| ") for line in (run_dir / "summary.md").read_text().splitlines()
+             if line.startswith("| trial ") or line.startswith("| reference ")]
+    best = sorted((run_dir / "best").glob("*.yaml"))
+    assert len(best) == 4 and set(timed) == {f"trial {p.name.split('-')[1][5:]}" for p in best} | {"reference"}
+    assert "- search stage: complete: 9 candidates evaluated" in (run_dir / "summary.md").read_text()
     capsys.readouterr()
     main_ok(["evaluate", str(best[0]), "--parent", str(tiny_parent), "--split", "test", "--json"])
     result = json.loads(capsys.readouterr().out)

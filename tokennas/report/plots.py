@@ -125,7 +125,7 @@ def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None
     if axis.log:
         ax.set_xscale("log")
     ax.set_ylabel("validation accuracy")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -256,13 +256,17 @@ def _needs_search(ctx: StageContext) -> bool:
     epochs = strategies.get_strategy(ctx.settings.strategy).search_epochs(ctx.settings)
     return trained_count(ctx.study) < ctx.settings.trials or (
         baseline is not None and not has_run(ctx.runs, make_job("baseline", "search", "baseline", ctx.settings.seed,
-                                                                  baseline, epochs)))
+                                                                  baseline, epochs))) \
+        or strategies.get_strategy(ctx.settings.strategy).unfinished(ctx) is not None
 
 
 def _search_status(ctx: StageContext) -> dict[str, Any]:
     trained = trained_count(ctx.study)
-    if trained >= ctx.settings.trials:
+    left = strategies.get_strategy(ctx.settings.strategy).unfinished(ctx) if trained >= ctx.settings.trials else None
+    if trained >= ctx.settings.trials and left is None:
         return {"done": True, "note": f"{trained} candidates evaluated"}
+    if left is not None:
+        return {"done": False, "note": f"{trained} candidates evaluated, but {left}"}
     why = ("stopped by --max-failures" if _stopped(ctx) else ctx.cut_reason() if not ctx.time_left()
            else "ended early")
     return {"done": False, "note": f"{trained} of {ctx.settings.trials} candidates evaluated: {why}"}

@@ -34,6 +34,10 @@ class Strategy(Protocol):
     def search_stage(self, ctx: StageContext) -> None:
         """Evaluate candidates until ``--trials`` are done, the failures stop the run or the deadline passes."""
 
+    def unfinished(self, ctx: StageContext) -> str | None:
+        """What its search stage still has to do once every candidate was evaluated (e.g. time the exported
+        schedules), in the summary's words; None: nothing. A resume runs the stage again while it says something."""
+
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
         """Extra keys of a re-ranking job for ``config`` (e.g. the weights it starts from); None: it cannot be
         re-ranked this way (the summary says so)."""

@@ -78,6 +78,11 @@ class Frozen:
         if ctx.time_left():
             measure_speed(ctx)
 
+    def unfinished(self, ctx: StageContext) -> str | None:
+        if speed_targets(ctx) is None:
+            return None
+        return "the speed of the exported schedules was not measured (a resume measures it)"
+
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
         try:
             Supernet.load(supernet_path(run_dir)).check(config)
@@ -140,21 +145,31 @@ def enqueue_starts(ctx: StageContext) -> None:
     study.set_user_attr("starts_enqueued", True)
 
 
+def speed_targets(ctx: StageContext):
+    """The schedules ``measure_speed`` times (the ``--top`` ones; with ``--objective pareto-latency`` every one on the
+    front of predicted latency too), as rows of the ranked trial table; None when there is none, or when these very
+    schedules were timed already (a resumed run that scored nothing better)."""
+    from ...report.tables import ranked, trial_table
+
+    order = ranked(trial_table(ctx.study), ctx.settings.objective)
+    timed = order.head(ctx.settings.top)
+    if ctx.settings.objective == "pareto-latency" and len(order):
+        timed = order[order.index.isin(timed.index) | order["pareto"]]
+    measured = {row["name"] for row in ctx.study.user_attrs.get("speed", [])}
+    if timed.empty or measured == {f"trial {int(n)}" for n in timed["number"]} | {"reference"} & measured:
+        return None
+    return timed
+
+
 def measure_speed(ctx: StageContext) -> None:
     """Time the ``--top`` schedules and the reference against the parent (batch 1 and 256, interleaved); with
     ``--objective pareto-latency``, every schedule on the front of predicted latency too, at ``--latency-batch`` as
     well, so that the report draws the front in measured latency. The rows go into the study (``speed``), which the
     report reads."""
-    from ...report.tables import ranked, trial_table
-
     settings, study = ctx.settings, ctx.study
-    order = ranked(trial_table(study), settings.objective)
-    timed = order.head(settings.top)
-    if settings.objective == "pareto-latency" and len(order):
-        timed = order[order.index.isin(timed.index) | order["pareto"]]
-    measured = {row["name"] for row in study.user_attrs.get("speed", [])}
-    if timed.empty or measured == {f"trial {int(n)}" for n in timed["number"]} | {"reference"} & measured:
-        return  # these very schedules were timed (a resumed run that scored nothing better)
+    timed = speed_targets(ctx)
+    if timed is None:
+        return
     net = Supernet.load(supernet_path(ctx.run_dir)).eval()
     configs = {t.number: t.user_attrs["config"] for t in study.get_trials(deepcopy=False)
                if t.number in set(timed["number"])}

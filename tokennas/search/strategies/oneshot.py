@@ -237,6 +237,9 @@ class OneShot:
         if ctx.time_left():
             score_stage(ctx, self.stall, self.search_epochs(ctx.settings))
 
+    def unfinished(self, ctx: StageContext) -> str | None:
+        return None
+
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
         if not settings.finetune_epochs:
             return {}

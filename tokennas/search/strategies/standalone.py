@@ -42,6 +42,9 @@ class Standalone:
                                    TrainSettings().warmup_epochs)
         run_stage(ctx, "search", searcher, settings.trials - trained_count(ctx.study) + len(jobs), scheduler)
 
+    def unfinished(self, ctx: StageContext) -> str | None:
+        return None
+
     def retrain_start(self, settings: SearchSettings, run_dir: Path, config: ModelConfig) -> dict[str, Any] | None:
         return {}
 
