@@ -102,14 +102,14 @@ def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None
         front = done[pareto_mask(done, cost=x)].sort_values(x)
         shared = "scored" in done and (done["scored"] == "shared weights").all()
         ax.scatter(done[x], done["val_acc"], color="tab:blue",
-                   label="scored on shared weights" if shared else "trained")
+                   label="scored on shared or parent weights, no training" if shared else "trained")
         ax.step(front[x], front["val_acc"], where="post", color="tab:orange", lw=2, label="Pareto front")
         ax.scatter(front[x], front["val_acc"], color="tab:orange", zorder=3)
     base = baseline[baseline["val_acc"].notna() & baseline[x].notna()]  # the baseline's latency is not predicted
     if len(base):
         shared = "scored" in base and (base["scored"] == "shared weights").all()
         ax.scatter(base[x], base["val_acc"], marker="*", s=160, color="tab:green", zorder=4,
-                   label="uniform baseline (" + ("on shared weights" if shared else "search fidelity") + ")")
+                   label="the space's reference (" + ("scored" if shared else "search fidelity") + ")")
     again = ranking[ranking["retrained"]] if ranking is not None and len(ranking) else None
     if again is not None and len(again):
         for role, color, label in (("candidate", "tab:purple", "re-ranked: mean ± sd"),
@@ -203,7 +203,7 @@ def accuracy_figure(frame: pd.DataFrame, axis: CostAxis) -> PlotlyFigure:
                             line_shape="hv", marker_color="#ff7f0e", row=1, col=1)
     base = frame[(frame["role"] == "baseline") & frame["val_acc"].notna() & frame[x].notna()]
     if len(base):
-        scatter.add_scatter(x=base[x], y=base["val_acc"], mode="markers", name="uniform baseline",
+        scatter.add_scatter(x=base[x], y=base["val_acc"], mode="markers", name="the space's reference",
                             marker_symbol="star", marker_size=14, marker_color="#2ca02c", row=1, col=1)
     _draw_apart(scatter, apart, x)
     if axis.budget is not None:
