@@ -227,8 +227,11 @@ class Replay:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         method, epochs = self.method, len(next(iter(self.lookup.values())).curve)
         sampler = S.make_sampler(method.sampler, self.seed, self.budget)
-        if method.startup is not None:
-            sampler.n_startup = method.startup  # FeasibleStartup's count
+        if method.startup is not None:  # FeasibleStartup's count, inside make_sampler's SkipTried
+            startup = sampler.sampler if isinstance(sampler, S.SkipTried) else sampler
+            if not isinstance(startup, S.FeasibleStartup):
+                raise TypeError(f"{method.label}: make_sampler's {method.sampler} has no feasible start-up to set")
+            startup.n_startup = method.startup
         self.study = study = optuna.create_study(direction="maximize", sampler=sampler,
                                                  pruner=method.pruner(epochs, self.rung))
         searcher = BudgetSearcher(study, self.space, self.inputs, BUDGET, epochs, stall=self.stall,

@@ -97,3 +97,18 @@ def test_optunas_hyperband_pruner_stops_candidates_in_the_replay(bench, table):
 def test_the_default_method_is_the_searchs(bench):
     assert [m.label for m in bench.METHODS if bench.is_default(m)] == ["tpe+asha"]
     assert bench.label(method(bench, "tpe+asha")) == "tpe+asha (default)"
+
+
+def test_a_shorter_start_up_reaches_the_sampler_under_skiptried(bench, table):
+    """`tpe+asha s3`: TPE models after 3 feasible candidates, not make_sampler's 6 (the count is set on the
+    FeasibleStartup that SkipTried wraps), so the same seed proposes another search; set on the wrapper, where
+    nothing reads it, the two replays were the same."""
+    replays = {m: bench.Replay(table, method(bench, m), seed=0, budget=20, rung=2) for m in ("tpe+asha", "tpe+asha s3")}
+    for replay in replays.values():
+        replay.run()
+    startups = {m: r.study.sampler.sampler for m, r in replays.items()}
+    assert isinstance(startups["tpe+asha s3"], S.FeasibleStartup)
+    assert (startups["tpe+asha"].n_startup, startups["tpe+asha s3"].n_startup) == (6, 3)
+    proposed = {m: [t.params for t in r.study.trials] for m, r in replays.items()}
+    assert proposed["tpe+asha"][:3] == proposed["tpe+asha s3"][:3]  # the same random start
+    assert proposed["tpe+asha"] != proposed["tpe+asha s3"]
