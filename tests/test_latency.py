@@ -215,7 +215,8 @@ def test_a_pareto_latency_search_keeps_the_latency_budget(tiny_parent, tmp_path,
     measured = "measured_latency_ms_batch1"  # and trials.csv has its measured latency: the report's front
     assert set(scored[scored[measured].notna()]["number"]) == {int(name[6:]) for name in set(timed) - {"reference"}}
     assert frame.loc[frame["role"] == "baseline", measured].notna().all()
-    assert "Front in measured latency (measured_latency_ms_batch1, pareto.png; the parent " in summary
+    front_line = f"Front in measured latency (measured_latency_ms_batch1, pareto.png), among the {len(timed) - 1} "
+    assert front_line + "schedules timed: " in summary
     assert f"and {limit:g} ms at batch 1" in summary and "pareto-latency (accuracy up, predicted ms" in summary
     assert "predicted ms at batch 1 (measured)" in summary and "speed at batch 256" in summary
     assert "read from its cache" in summary and f"cached in `{model.cache_file}` (delete it" in summary

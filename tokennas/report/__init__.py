@@ -73,21 +73,20 @@ def _schedules(study, frame, baseline: dict, evaluated: str) -> list[str]:
     latency = study.user_attrs.get("latency")
     lines = schedule_lines(speed, configs, accs, evaluated, predicted if latency else None,
                            latency["batch"] if latency else None)
-    return lines + _measured_front(frame, measured_ms(study).get("parent"))
+    return lines + _measured_front(frame, speed, latency["batch"] if latency else None)
 
 
-def _measured_front(frame: pd.DataFrame, parent_ms: float | None) -> list[str]:
+def _measured_front(frame: pd.DataFrame, speed: list[dict], batch: int | None) -> list[str]:
     """The Pareto front in measured latency (what ``pareto.png`` draws with ``--objective pareto-latency``), and how
-    many of the timed schedules ran slower than the parent."""
+    many of its schedules ran slower than the parent (the paired speed-up at that batch, as the speed table flags)."""
     column = measured_column(frame)
     timed = frame[(frame["role"] == "candidate") & (frame["state"] == "COMPLETE")]
     timed = timed[timed[column].notna()] if column else timed.iloc[:0]
-    if timed.empty or parent_ms is None:
+    if timed.empty:
         return []
     front = timed[pareto_mask(timed, cost=column)].sort_values(column)
-    cells = ", ".join(f"trial {r.number} ({getattr(r, column):.3g} ms, {r.val_acc:.4f})"
-                      for r in front.itertuples())
-    slower = int((front[column] > parent_ms).sum())
-    return ["", f"Front in measured latency ({column}, pareto.png; the parent {parent_ms:.3g} ms): {cells}. "
-                f"{slower} of its {len(front)} schedules ran slower than the parent; {len(timed)} schedules timed "
-                "(the front of predicted latency and the top ones)."]
+    speedup = {row["name"]: row["speedup"] for row in speed if row["batch"] == batch}
+    cells = ", ".join(f"trial {r.number} ({getattr(r, column):.3g} ms, {r.val_acc:.4f})" for r in front.itertuples())
+    slower = sum(speedup[f"trial {n}"] < 1 for n in front["number"])
+    return ["", f"Front in measured latency ({column}, pareto.png), among the {len(timed)} schedules timed: {cells}. "
+                f"{slower} of its {len(front)} schedules ran slower than the parent at batch {batch}."]

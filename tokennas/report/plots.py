@@ -105,7 +105,7 @@ def pareto_figure(frame: pd.DataFrame, budget: int, ranking: pd.DataFrame | None
                    label="scored on shared or parent weights, no training" if shared else "trained")
         ax.step(front[x], front["val_acc"], where="post", color="tab:orange", lw=2, label="Pareto front")
         ax.scatter(front[x], front["val_acc"], color="tab:orange", zorder=3)
-    base = baseline[baseline["val_acc"].notna() & baseline[x].notna()]  # the baseline's latency is not predicted
+    base = baseline[baseline["val_acc"].notna()]  # (its latency is not predicted: off a predicted axis, as above)
     if len(base):
         shared = "scored" in base and (base["scored"] == "shared weights").all()
         ax.scatter(base[x], base["val_acc"], marker="*", s=160, color="tab:green", zorder=4,
@@ -201,7 +201,7 @@ def accuracy_figure(frame: pd.DataFrame, axis: CostAxis) -> PlotlyFigure:
         front = done[pareto_mask(done, cost=x)].sort_values(x)
         scatter.add_scatter(x=front[x], y=front["val_acc"], mode="lines+markers", name="Pareto front",
                             line_shape="hv", marker_color="#ff7f0e", row=1, col=1)
-    base = frame[(frame["role"] == "baseline") & frame["val_acc"].notna() & frame[x].notna()]
+    base = frame[(frame["role"] == "baseline") & frame["val_acc"].notna()]
     if len(base):
         scatter.add_scatter(x=base[x], y=base["val_acc"], mode="markers", name="the space's reference",
                             marker_symbol="star", marker_size=14, marker_color="#2ca02c", row=1, col=1)
