@@ -172,7 +172,8 @@ METHODS = (Method("random", "random"), Method("tpe", "tpe"), Method("tpe+asha", 
 # minimum resource), TPE's start-up after 3 feasible candidates instead of make_sampler's 6
 VARIANTS = (Method("tpe+sha", "tpe", "sha"), Method("tpe+asha r1", "tpe", "asha", first_rung=1),
             Method("tpe+hyperband r1", "tpe", "hyperband", first_rung=1),
-            Method("tpe+asha s3", "tpe", "asha", startup=3))
+            Method("tpe+asha s3", "tpe", "asha", startup=3),
+            Method("random+asha", "random", "asha"))  # what early stopping alone buys
 
 
 def is_default(method: Method) -> bool:
