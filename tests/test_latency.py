@@ -186,8 +186,15 @@ def test_a_pareto_latency_search_keeps_the_latency_budget(tiny_parent, tmp_path,
     measured speed table stays as the check."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = latency_model(ScheduleViTConfig(**TRUNK), 1)  # what the search will read from the cache
-    predicted = sorted(model.predict(c) * 1e3 for c in layers_schedules((0.5,) * 8, seed=3))
-    limit = round(predicted[len(predicted) // 2], 3)  # about half the random schedules at 50% MACs fit
+    # the limit lies between the predictions of the space's hand-set directions at 50% MACs, which the search
+    # proposes first: some are over it whatever this machine measured, and the search must find them infeasible
+    space = LayersSpace(trunk=TRUNK, budget=int(0.5 * count_flops(ScheduleViTConfig(**TRUNK))))
+    starts = sorted(model.predict(space.build(params, INPUTS)) * 1e3 for params in space.starts(INPUTS).values())
+    assert starts[0] < starts[-1]
+    middle = len(starts) // 2
+    limit = round((starts[middle - 1] + starts[middle]) / 2, 3) if starts[middle - 1] < starts[middle] else \
+        round(starts[middle], 3)
+    assert starts[0] <= limit < starts[-1]
     run_dir = tmp_path / "run"
     main_ok(["search", "--space", "layers", "--parent", str(tiny_parent), "--flops", "50%", "--objective",
              "pareto-latency", "--latency", str(limit), "--trials", "5", "--score-images", "200", "--top", "3",
