@@ -240,3 +240,24 @@ def test_a_parent_is_only_scored_on_images_it_never_trained_on(tiny_parent, tmp_
         with pytest.raises(SystemExit) as exit_:
             main(["evaluate", str(again / "checkpoint.pt"), "--split", "val", "--seed", seed])
         assert exit_.value.code == 2 and "more than one validation split" in capsys.readouterr().err
+
+
+def test_sampler_seed_repeats_a_search_on_a_parent_with_other_proposals(tiny_parent, tmp_path):
+    """The parent's split fixes --seed; --sampler-seed seeds the proposals alone: another draw of schedules, scored on
+    the same validation images (the reference scores the same), recorded in search.yaml and the summary."""
+    runs = {}
+    for name, extra in (("plain", []), ("other", ["--sampler-seed", "7"])):
+        runs[name] = tmp_path / name
+        main_ok(["search", "--space", "layers", "--parent", str(tiny_parent), "--flops", "50%", "--trials", "2",
+                 "--sampler", "random", "--score-images", "200", "--top", "1", "--seed", "0", *extra, "--quiet",
+                 "--out", str(runs[name])])
+    frames = {name: pd.read_csv(run / "trials.csv") for name, run in runs.items()}
+    rates = [f"param_{k}{b}" for k in ("prune", "merge") for b in range(TRUNK["depth"])]
+    first = {name: frame[frame["role"] == "candidate"].sort_values("number")[rates].iloc[0].tolist()
+             for name, frame in frames.items()}
+    assert first["plain"] != first["other"]
+    references = {name: frame.loc[frame["role"] == "baseline", "val_acc"].tolist() for name, frame in frames.items()}
+    assert references["plain"] == references["other"] and len(references["plain"]) == 1
+    assert "sampler_seed: 7\n" in (runs["other"] / "search.yaml").read_text()
+    assert "seed: 0, sampler seed: 7" in (runs["other"] / "summary.md").read_text()
+    assert "sampler seed" not in (runs["plain"] / "summary.md").read_text()

@@ -122,6 +122,9 @@ def search(
                                 "parameters: the layers space's rates)."),
     scheduler: str = typer.Option("asha", help="asha (early stopping after the warm-up) or fifo (none)."),
     seed: int = typer.Option(0, help="Seeds the sampler, the data split and the initialisation."),
+    sampler_seed: int | None = typer.Option(None, help="Seeds the proposals only (the sampler and its fallback), "
+                                            "leaving the data split and the initialisation to --seed: repeats of a "
+                                            "search on a --parent, whose split --seed must match [default: --seed]."),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist (embedded), a timm dataset name such as "
                                 "torch/cifar10, or folder (an image folder with train/ and validation/)."),
     data_dir: str | None = typer.Option(None, help="Where a non-embedded dataset lives."),

@@ -54,7 +54,8 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
                                         if latency and latency.get("budget_ms") else "")
     lines = [f"# tokennas search: {settings.space} under {under}", "",
              f"- objective: {_objective(settings.objective, latency)}, sampler: {settings.sampler}, scheduler: "
-             f"{settings.scheduler}, seed: {settings.seed}",
+             f"{settings.scheduler}, seed: {settings.seed}"
+             + ("" if settings.sampler_seed is None else f", sampler seed: {settings.sampler_seed}"),
              *_latency_lines(latency),
              f"- data: {settings.dataset} at {settings.img_size}px, train subset: {settings.train_subset or 'all'}; "
              "every accuracy here is on the validation split carved from the training data (the test split is "

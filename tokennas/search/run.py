@@ -190,7 +190,7 @@ def _open_studies(settings: SearchSettings, storage: Any, resume: bool, distribu
     check_encoding(study, distributions, settings.space)  # before anything is enqueued
     # a resumed sampler must not replay the draws of the first run, nor drivers started together each other's
     offset = len(study.trials) + (os.getpid() if is_shared(storage) else 0)
-    study.sampler = S.make_sampler(settings.sampler, settings.seed + offset, settings.trials)
+    study.sampler = S.make_sampler(settings.sampler, settings.proposal_seed + offset, settings.trials)
     recover_lost_trials(study, resume)
     runs = S.open_runs(study)
     recover_lost_trials(runs, resume, enqueue=False)

@@ -32,6 +32,7 @@ class SearchSettings:
     sampler: str = "tpe"
     scheduler: str = "asha"
     seed: int = 0
+    sampler_seed: int | None = None  # None: --seed; seeds the proposals only (the sampler and the stall fallback)
     dataset: str = EMBEDDED
     data_dir: str | None = None
     img_size: int = 32
@@ -70,6 +71,11 @@ class SearchSettings:
     # what `--resume RUN` may change; everything else is fixed by search.yaml
     RESUMABLE = ("trials", "time_budget", "max_failures", "retrain_top", "retrain_epochs", "retrain_seeds", "top",
                  "ray_address", "heartbeat")
+
+    @property
+    def proposal_seed(self) -> int:
+        """What seeds the proposals (the sampler, the stall fallback): ``--sampler-seed``, else ``--seed``."""
+        return self.seed if self.sampler_seed is None else self.sampler_seed
 
     @property
     def budget(self) -> int:

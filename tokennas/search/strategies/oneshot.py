@@ -323,7 +323,8 @@ def score_stage(ctx: StageContext, stall: int, epochs: int) -> None:
     jobs = baseline_jobs(ctx, epochs)
     searcher = BudgetSearcher(study, ctx.prepared.space, ctx.prepared.inputs, settings.budget, 0, stall=stall,
                               trials=settings.trials, max_failures=settings.max_failures,
-                              feasible=ctx.prepared.feasible, jobs=jobs, seed=settings.seed + len(study.trials),
+                              feasible=ctx.prepared.feasible, jobs=jobs,
+                              seed=settings.proposal_seed + len(study.trials),
                               latency=ctx.prepared.latency, latency_budget_ms=settings.latency)
     todo = max(0, settings.trials - trained_count(study))
     columns = [TextColumn("scoring on shared weights"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
