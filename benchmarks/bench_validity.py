@@ -3,6 +3,7 @@
     python benchmarks/bench_validity.py [--table benchmarks/ground_truth_psvit30M.csv --replays 200 --budget 20]
     python benchmarks/bench_validity.py --first-seed 200 --plot /tmp/replay.png   # other seeds: does it hold?
     python benchmarks/bench_validity.py --replays 20 --methods tpe+asha --variants  # a quick look
+    python benchmarks/bench_validity.py --methods tpe+asha --screens --plot /tmp/screens.png  # none adopted
 
 1. Rank fidelity: Kendall tau between the accuracy at the search's fidelity (``lo``) and at 4x the
    epochs (``hi``), over the table's candidates; and between the ``hi`` runs of two seeds, the table's noise.
@@ -20,7 +21,10 @@
    and NSGA-II train every candidate to the end. Best-so-far against cumulative epochs: median and interquartile
    range, the compute each method needs to reach random search's median final best, and the paired replays (same
    seed) each method wins, ties and loses against random search and against the search's default method, marked
-   ``(default)``. ``--variants`` adds cheap variants (first rung at epoch 1, a shorter TPE start-up).
+   ``(default)``. ``--variants`` adds cheap variants (first rung at epoch 1, a shorter TPE start-up); ``--screens``
+   the screens: TPE's settings (128 expected-improvement candidates, prior weight 0.5, two trials in the good group,
+   ``group=True``), ASHA's reduction factor 4, a QMC start-up, proposals restricted to the budget, the widths asked
+   in order.
 Writes ``benchmarks/replay.png`` and prints markdown tables for RESULTS.md.
 """
 
@@ -42,8 +46,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ground_truth import BUDGET, DIMENSIONS  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
+from tokennas.flops import count_flops  # noqa: E402
 from tokennas.search.strategies.standalone import Standalone  # noqa: E402
+from tokennas.search.tune.searcher import BudgetSearcher  # noqa: E402
 from tokennas.spaces import Inputs  # noqa: E402
+from tokennas.spaces.base import ask  # noqa: E402
 from tokennas.spaces.psvit import PSViTSpace  # noqa: E402
 
 STALL = Standalone.stall  # the standalone search's stall count, so the replays do the same
@@ -140,6 +147,46 @@ class TableSpace(PSViTSpace):
         return super().build({**params, "pool_kind": "max2d"}, inputs)
 
 
+class OrderedWidthsSpace(TableSpace):
+    """A screen (``tpe+asha ordered``): the widths, unevenly spaced, asked as their position in order (an Optuna
+    int, so TPE models neighbouring widths) instead of as a categorical. The sampler's parameters hold the position;
+    ``completed`` and ``asked`` translate between the two."""
+
+    WIDTHS = DIMENSIONS["embed_dim"]
+
+    def suggest(self, trial, inputs: Inputs):
+        params = {}
+        for name, choices in self.dimensions(inputs).items():
+            if name in self.unused(params, inputs):
+                params[name] = choices[0]
+            elif name == "embed_dim":
+                params[name] = choices[trial.suggest_int(name, 0, len(choices) - 1)]
+            else:
+                params[name] = ask(trial, name, choices)
+        return self.build(params, inputs)
+
+    def completed(self, asked: dict, inputs: Inputs):
+        if "embed_dim" in asked:
+            asked = {**asked, "embed_dim": self.WIDTHS[asked["embed_dim"]]}
+        return super().completed(asked, inputs)
+
+    def asked(self, params: dict, inputs: Inputs) -> dict:
+        out = super().asked(params, inputs)
+        return {**out, "embed_dim": self.WIDTHS.index(out["embed_dim"])} if "embed_dim" in out else out
+
+
+class FeasibleOnlySearcher(BudgetSearcher):
+    """A screen (``tpe+asha feasible``): ``SkipTried`` draws again when a sample is over the budget as well as when
+    its config was tried, so TPE's choice is restricted to the feasible set and fewer over-budget proposals (told
+    the worst accuracy) push its model away from the budget's edge."""
+
+    def _tried(self, params: dict) -> bool | None:
+        tried = super()._tried(params)
+        if tried is not False:
+            return tried
+        return count_flops(self.space.build(self.space.completed(params, self.inputs), self.inputs)) > self.budget
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A replayed search: a sampler as ``study.make_sampler`` builds it and what stops candidates early.
@@ -147,13 +194,21 @@ class Method:
     ``stopper``: ``fifo`` (none), ``asha`` (Ray's ASHA as ``schedulers.make_scheduler`` builds it, ``CandidateASHA``,
     first rung ``first_rung`` or the search's), ``sha`` / ``hyperband`` (Optuna's ``SuccessiveHalvingPruner`` /
     ``HyperbandPruner`` on the study, minimum resource ``first_rung`` or the search's first rung, reduction factor 3).
-    ``startup``: TPE's feasible start-up count instead of ``make_sampler``'s."""
+    ``startup``: TPE's feasible start-up count instead of ``make_sampler``'s. The screens (``--screens``): ``tpe``,
+    further ``TPESampler`` arguments (``make_sampler``'s ``tpe``); ``qmc``, the start-up drawn by Optuna's
+    ``QMCSampler`` (scrambled Sobol) instead of at random; ``feasible``, ``FeasibleOnlySearcher``; ``ordered``,
+    ``OrderedWidthsSpace``; ``reduction_factor``, ASHA's (3 in the search)."""
 
     label: str
     sampler: str
     stopper: str = "fifo"
     first_rung: int | None = None
     startup: int | None = None
+    tpe: tuple = ()
+    qmc: bool = False
+    feasible: bool = False
+    ordered: bool = False
+    reduction_factor: int | None = None
 
     def pruner(self, epochs: int, rung: int):
         import optuna
@@ -176,13 +231,29 @@ VARIANTS = (Method("tpe+sha", "tpe", "sha"), Method("tpe+asha r1", "tpe", "asha"
             Method("random+asha", "random", "asha"))  # what early stopping alone buys
 
 
+def two_good(n: int) -> int:
+    """TPE's good group: the best two trials (Optuna's default is the best tenth, at least one)."""
+    return min(2, n)
+
+
+# screens (--screens): settings of TPE and ASHA, other start-ups, encodings and proposal rules; none is adopted
+SCREENS = (Method("tpe+asha rf4", "tpe", "asha", reduction_factor=4),
+           Method("tpe+asha ei128", "tpe", "asha", tpe=(("n_ei_candidates", 128),)),
+           Method("tpe+asha prior0.5", "tpe", "asha", tpe=(("prior_weight", 0.5),)),
+           Method("tpe+asha good2", "tpe", "asha", tpe=(("gamma", two_good),)),
+           Method("tpe+asha group", "tpe", "asha", tpe=(("group", True),)),
+           Method("tpe+asha qmc", "tpe", "asha", qmc=True),
+           Method("tpe+asha feasible", "tpe", "asha", feasible=True),
+           Method("tpe+asha ordered", "tpe", "asha", ordered=True))
+
+
 def is_default(method: Method) -> bool:
     """The search's own defaults: ``SearchSettings``' sampler and scheduler, and the rest as the search sets it."""
     from tokennas.search.settings import SearchSettings
 
     field = {f.name: f.default for f in dataclasses.fields(SearchSettings)}
     return (method.sampler, method.stopper) == (field["sampler"], field["scheduler"]) \
-        and method.first_rung is None and method.startup is None
+        and method == Method(method.label, method.sampler, method.stopper)
 
 
 def label(method: Method) -> str:
@@ -205,13 +276,13 @@ class Replay:
     def __init__(self, table: pd.DataFrame, method: Method | str, seed: int, budget: int, rung: int,
                  stall: int | None = None) -> None:
         if isinstance(method, str):  # a label (bench_oneshot.py asks for "random")
-            method = next(m for m in METHODS + VARIANTS if m.label == method)
-        self.space, self.inputs = TableSpace(), Inputs(32, 1, 10)
+            method = next(m for m in METHODS + VARIANTS + SCREENS if m.label == method)
+        self.space, self.inputs = (OrderedWidthsSpace if method.ordered else TableSpace)(), Inputs(32, 1, 10)
         self.lookup, self.feasible = table_lookup(table)
         self.method, self.seed, self.budget, self.rung = method, seed, budget, rung
         self.stall = stall if stall is not None else STALL
         self.proposals = self.repeats = self.fallbacks = self.infeasible = self.stopped = 0
-        self.study = None
+        self.study = self.scheduler = None
 
     def run(self) -> list[tuple[int, float]]:
         """(cumulative epochs, best final accuracy so far) after each trained candidate."""
@@ -222,27 +293,33 @@ class Replay:
         from tokennas.config import config_key
         from tokennas.search.studies import study as S
         from tokennas.search.tune.schedulers import CandidateASHA, make_scheduler
-        from tokennas.search.tune.searcher import BudgetSearcher
         from tokennas.train import TrainSettings
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         method, epochs = self.method, len(next(iter(self.lookup.values())).curve)
-        sampler = S.make_sampler(method.sampler, self.seed, self.budget)
-        if method.startup is not None:  # FeasibleStartup's count, inside make_sampler's SkipTried
+        sampler = S.make_sampler(method.sampler, self.seed, self.budget, **dict(method.tpe))
+        if method.startup is not None or method.qmc:  # FeasibleStartup's, inside make_sampler's SkipTried
             startup = sampler.sampler if isinstance(sampler, S.SkipTried) else sampler
             if not isinstance(startup, S.FeasibleStartup):
                 raise TypeError(f"{method.label}: make_sampler's {method.sampler} has no feasible start-up to set")
-            startup.n_startup = method.startup
+            if method.startup is not None:
+                startup.n_startup = method.startup
+            if method.qmc:
+                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                startup.startup = optuna.samplers.QMCSampler(seed=self.seed, warn_independent_sampling=False)
         self.study = study = optuna.create_study(direction="maximize", sampler=sampler,
                                                  pruner=method.pruner(epochs, self.rung))
-        searcher = BudgetSearcher(study, self.space, self.inputs, BUDGET, epochs, stall=self.stall,
-                                  trials=self.budget, feasible=self.feasible, seed=self.seed)
+        searcher = (FeasibleOnlySearcher if method.feasible else BudgetSearcher)(
+            study, self.space, self.inputs, BUDGET, epochs, stall=self.stall, trials=self.budget,
+            feasible=self.feasible, seed=self.seed)
         scheduler = None
         if method.stopper == "asha":
             scheduler = make_scheduler("asha", "acc", epochs, TrainSettings().warmup_epochs) \
-                if method.first_rung is None else \
-                CandidateASHA(time_attr="epoch", max_t=epochs, grace_period=method.first_rung, reduction_factor=3)
+                if method.first_rung is None and method.reduction_factor is None else \
+                CandidateASHA(time_attr="epoch", max_t=epochs, grace_period=method.first_rung or self.rung,
+                              reduction_factor=method.reduction_factor or 3)
             scheduler.set_search_properties("val_acc", "max")  # as the Tuner does
+        self.scheduler = scheduler
         np.random.seed(self.seed)  # Ray's ASHA draws a bracket from numpy's global generator (one bracket here)
         epochs_used, best, trace = 0, -1.0, []
         for number in itertools.count():
@@ -327,6 +404,9 @@ def main() -> None:
                         help="replay only these methods (labels without '(default)'); random always runs")
     parser.add_argument("--variants", action="store_true",
                         help="also the cheap variants (first rung, start-up count) of TPE with a scheduler")
+    parser.add_argument("--screens", action="store_true",
+                        help="also the screens: settings of TPE and ASHA, a QMC start-up, proposals restricted to the "
+                             "budget, widths asked in order (none adopted; RESULTS.md)")
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "replay.png")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # medians of replays that have no best yet
@@ -354,8 +434,8 @@ def main() -> None:
     rung = first_rung(epochs, TrainSettings().warmup_epochs)
     grid = np.arange(1, epochs * args.budget + 1)
     curves, finals, counts = {}, {}, {}
-    chosen = [m for m in METHODS + (VARIANTS if args.variants else ())
-              if not args.methods or m.label in args.methods or m.sampler == "random"]
+    chosen = [m for m in METHODS + (VARIANTS if args.variants else ()) + (SCREENS if args.screens else ())
+              if not args.methods or m.label in args.methods or m.sampler == "random" or m in SCREENS]
     for method in chosen:
         started = time.perf_counter()
         replays = [Replay(table, method, seed, args.budget, rung)

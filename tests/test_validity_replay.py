@@ -34,7 +34,7 @@ def table(bench):
 
 
 def method(bench, name):
-    return next(m for m in bench.METHODS + bench.VARIANTS if m.label == name)
+    return next(m for m in bench.METHODS + bench.VARIANTS + bench.SCREENS if m.label == name)
 
 
 def test_the_table_is_the_spaces_feasible_set(bench, table):
@@ -112,3 +112,30 @@ def test_a_shorter_start_up_reaches_the_sampler_under_skiptried(bench, table):
     proposed = {m: [t.params for t in r.study.trials] for m, r in replays.items()}
     assert proposed["tpe+asha"][:3] == proposed["tpe+asha s3"][:3]  # the same random start
     assert proposed["tpe+asha"] != proposed["tpe+asha s3"]
+
+
+def test_the_screens_change_what_they_name(bench, table):
+    """Each screen (`--screens`) reaches the piece it names, in a replay that still trains the budget of distinct
+    table configs: TPE's arguments reach the sampler, the QMC start-up replaces the random one, the widths are asked
+    in order, the feasible-only proposals tell fewer over-budget points, and ASHA cuts at its reduction factor."""
+    import optuna
+
+    replays = {m.label: bench.Replay(table, m, seed=0, budget=12, rung=2) for m in bench.SCREENS}
+    replays["tpe+asha"] = bench.Replay(table, method(bench, "tpe+asha"), seed=0, budget=12, rung=2)
+    for replay in replays.values():
+        assert len(replay.run()) == 12
+    model = {label: r.study.sampler.sampler.model for label, r in replays.items()}
+    assert model["tpe+asha ei128"]._n_ei_candidates == 128 and model["tpe+asha"]._n_ei_candidates == 24
+    assert model["tpe+asha prior0.5"]._parzen_estimator_parameters.prior_weight == 0.5
+    assert model["tpe+asha good2"]._gamma is bench.two_good and model["tpe+asha group"]._group
+    startup = {label: r.study.sampler.sampler.startup for label, r in replays.items()}
+    assert isinstance(startup["tpe+asha qmc"], optuna.samplers.QMCSampler)
+    assert isinstance(startup["tpe+asha"], optuna.samplers.RandomSampler)
+    widths = {t.distributions["embed_dim"] for t in replays["tpe+asha ordered"].study.trials}
+    assert widths == {optuna.distributions.IntDistribution(0, 3)}
+    assert replays["tpe+asha feasible"].infeasible < replays["tpe+asha"].infeasible
+    factors = [replays[label].scheduler._reduction_factor for label in ("tpe+asha rf4", "tpe+asha")]
+    assert factors == [4, 3]
+    assert bench.is_default(method(bench, "tpe+asha")) and not any(bench.is_default(m) for m in bench.SCREENS)
+    with pytest.raises(ValueError, match="TPESampler arguments"):
+        S.make_sampler("random", 0, 8, group=True)

@@ -150,12 +150,16 @@ class SkipTried(optuna.samplers.BaseSampler):
         self.sampler.reseed_rng()
 
 
-def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, trials: int, **tpe: Any) -> optuna.samplers.BaseSampler:
     """A seeded sampler; TPE and NSGA-II learn from the ``flops`` constraint. TPE's start-up proposals are
     random until a third of ``trials`` (2 to 10) feasible candidates exist, and its proposals skip configs already
-    tried where the searcher can tell (``SkipTried``)."""
+    tried where the searcher can tell (``SkipTried``). ``tpe``: further ``TPESampler`` arguments (the replays'
+    screens of its settings, benchmarks/bench_validity.py)."""
+    if tpe and name != "tpe":
+        raise ValueError(f"TPESampler arguments {sorted(tpe)} given for the {name!r} sampler")
     if name == "tpe":
-        model = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=0)
+        model = optuna.samplers.TPESampler(**{"seed": seed, "multivariate": True, "constant_liar": True,
+                                              "n_startup_trials": 0, **tpe})
         return SkipTried(FeasibleStartup(model, max(2, min(10, trials // 3)), seed), seed)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, trials // 2)))
