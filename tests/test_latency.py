@@ -229,6 +229,9 @@ def test_a_pareto_latency_search_keeps_the_latency_budget(tiny_parent, tmp_path,
     measured = "measured_latency_ms_batch1"  # and trials.csv has its measured latency: the report's front
     assert set(scored[scored[measured].notna()]["number"]) == {int(name[6:]) for name in set(timed) - {"reference"}}
     assert frame.loc[frame["role"] == "baseline", measured].notna().all()
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.startswith("| trial ")}
+    for number, ms in scored.loc[scored[measured].notna(), ["number", measured]].itertuples(index=False):
+        assert f"({ms:.2f}) |" in rows[f"trial {int(number)}"]  # the summary's measured ms are trials.csv's
     front_line = f"Front in measured latency (measured_latency_ms_batch1, pareto.png), among the {len(timed) - 1} "
     assert front_line + "schedules timed: " in summary
     assert f"and {limit:g} ms at batch 1" in summary and "pareto-latency (accuracy up, predicted ms" in summary

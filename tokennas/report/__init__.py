@@ -72,7 +72,7 @@ def _schedules(study, frame, baseline: dict, evaluated: str) -> list[str]:
             accs["reference"] = float(ref["val_acc"].iloc[0])
     latency = study.user_attrs.get("latency")
     lines = schedule_lines(speed, configs, accs, evaluated, predicted if latency else None,
-                           latency["batch"] if latency else None)
+                           latency["batch"] if latency else None, measured_ms(study))
     return lines + _measured_front(frame, speed, latency["batch"] if latency else None)
 
 

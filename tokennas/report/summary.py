@@ -113,12 +113,13 @@ def summary_markdown(settings, frame: pd.DataFrame, ranking: pd.DataFrame, best:
 
 
 def schedule_lines(speed: list[dict[str, Any]], configs: dict[str, dict[str, Any]], accs: dict[str, float],
-                   evaluated: str, predicted: dict[str, float] | None = None,
-                   latency_batch: int | None = None) -> list[str]:
+                   evaluated: str, predicted: dict[str, float] | None = None, latency_batch: int | None = None,
+                   measured: dict[str, float] | None = None) -> list[str]:
     """The exported schedules and the reference: patch tokens leaving each block, MACs, search accuracy, and their
     measured speed against the parent (median of paired ratios, interleaved), a schedule slower than the parent
     flagged. ``predicted``: the milliseconds the latency model predicted at ``latency_batch`` (by name), shown beside
-    the measured ones (the median step at that batch, when it was one of the timed batches)."""
+    the ``measured`` ones (``tables.measured_ms``: the median step at that batch, when it was one of the timed
+    batches)."""
     if not speed:
         return []
     table = pd.DataFrame(speed)
@@ -139,9 +140,8 @@ def schedule_lines(speed: list[dict[str, Any]], configs: dict[str, dict[str, Any
             cells.append(f"{row.speedup:.2f}x ({row.images_per_s:,.0f} img/s){flag}")
         acc = accs.get(name)
         if latency:
-            at = rows[rows["batch"] == latency_batch]
-            measured = f" ({1e3 * latency_batch / at['images_per_s'].iloc[0]:.2f})" if len(at) else ""
-            cells.insert(0, f"{predicted[name]:.2f}{measured}" if name in predicted else "")
+            timed = f" ({measured[name]:.2f})" if name in (measured or {}) else ""
+            cells.insert(0, f"{predicted[name]:.2f}{timed}" if name in predicted else "")
         lines.append(f"| {name} | {tokens} | {format_flops(sum(config.flops_by_module().values()))} | "
                      f"{'' if acc is None else f'{acc:.4f}'} | " + " | ".join(cells) + " |")
     return lines
