@@ -196,8 +196,8 @@ class Method:
     ``HyperbandPruner`` on the study, minimum resource ``first_rung`` or the search's first rung, reduction factor 3).
     ``startup``: TPE's feasible start-up count instead of ``make_sampler``'s. The screens (``--screens``): ``tpe``,
     further ``TPESampler`` arguments (``make_sampler``'s ``tpe``); ``qmc``, the start-up drawn by Optuna's
-    ``QMCSampler`` (scrambled Sobol) instead of at random; ``feasible``, ``FeasibleOnlySearcher``; ``ordered``,
-    ``OrderedWidthsSpace``; ``reduction_factor``, ASHA's (3 in the search)."""
+    ``QMCSampler`` (Sobol, scrambled with the replay's seed) instead of at random; ``feasible``,
+    ``FeasibleOnlySearcher``; ``ordered``, ``OrderedWidthsSpace``; ``reduction_factor``, ASHA's (3 in the search)."""
 
     label: str
     sampler: str
@@ -282,6 +282,11 @@ class Replay:
         self.method, self.seed, self.budget, self.rung = method, seed, budget, rung
         self.stall = stall if stall is not None else STALL
         self.proposals = self.repeats = self.fallbacks = self.infeasible = self.stopped = 0
+        # the table's top two configs: when the replay first proposed one (cumulative epochs before it), how many
+        # it proposed and how many of those the scheduler stopped early
+        ranked = sorted(self.lookup, key=lambda k: self.lookup[k].hi, reverse=True)
+        self.top_two, self.first_top = set(ranked[:2]), None
+        self.top_proposed = self.top_stopped = 0
         self.study = self.scheduler = None
 
     def run(self) -> list[tuple[int, float]]:
@@ -306,7 +311,8 @@ class Replay:
                 startup.n_startup = method.startup
             if method.qmc:
                 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-                startup.startup = optuna.samplers.QMCSampler(seed=self.seed, warn_independent_sampling=False)
+                startup.startup = optuna.samplers.QMCSampler(scramble=True, seed=self.seed,
+                                                             warn_independent_sampling=False)
         self.study = study = optuna.create_study(direction="maximize", sampler=sampler,
                                                  pruner=method.pruner(epochs, self.rung))
         searcher = (FeasibleOnlySearcher if method.feasible else BudgetSearcher)(
@@ -329,7 +335,8 @@ class Replay:
                 break
             if suggestion is None:  # one trial at a time: the searcher has nothing in flight to wait for
                 raise RuntimeError(f"{method.label} replay, seed {self.seed}: the searcher suggested nothing")
-            curve = self.lookup[config_key(suggestion["config"])].curve
+            key = config_key(suggestion["config"])
+            curve = self.lookup[key].curve
             trial = Trial("__fake", config=suggestion, trial_id=trial_id, stub=True)
             if scheduler is not None:
                 scheduler.on_trial_add(None, trial)
@@ -347,6 +354,10 @@ class Replay:
                         scheduler.on_trial_complete(None, trial, result)
                     searcher.on_trial_complete(trial_id, result)
                     break
+            if key in self.top_two:
+                self.first_top = epochs_used if self.first_top is None else self.first_top
+                self.top_proposed += 1
+                self.top_stopped += epoch < len(curve)
             epochs_used += epoch
             self.stopped += epoch < len(curve)
             if epoch == len(curve):
@@ -433,9 +444,10 @@ def main() -> None:
 
     rung = first_rung(epochs, TrainSettings().warmup_epochs)
     grid = np.arange(1, epochs * args.budget + 1)
-    curves, finals, counts = {}, {}, {}
+    curves, finals, counts, finding = {}, {}, {}, {}
     chosen = [m for m in METHODS + (VARIANTS if args.variants else ()) + (SCREENS if args.screens else ())
-              if not args.methods or m.label in args.methods or m.sampler == "random" or m in SCREENS]
+              if not args.methods or m.label in args.methods or m.sampler == "random"
+              or (m in SCREENS and not {s.label for s in SCREENS} & set(args.methods))]
     for method in chosen:
         started = time.perf_counter()
         replays = [Replay(table, method, seed, args.budget, rung)
@@ -445,6 +457,11 @@ def main() -> None:
         finals[name] = curves[name][:, -1]
         counts[name] = {k: np.mean([getattr(r, k) for r in replays])
                         for k in ("proposals", "infeasible", "repeats", "fallbacks", "stopped")}
+        found = [r.first_top for r in replays if r.first_top is not None]
+        finding[name] = {"replays proposing one": f"{len(found) / len(replays):.1%}",
+                         "epochs before the first (median of those)": f"{np.median(found):.0f}" if found else "-",
+                         "stopped early / proposed": f"{sum(r.top_stopped for r in replays)} / "
+                                                     f"{sum(r.top_proposed for r in replays)}"}
         print(f"{name}: {args.replays} replays in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     target = np.nanmedian(finals["random"])
 
@@ -474,6 +491,8 @@ def main() -> None:
           f"one trial at a time; "
           f"target = random's median final best {target:.4f})")
     print(pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True))
+    print("\nFinding the table's top two configs (the first proposed: cumulative epochs spent before it):")
+    print(pd.DataFrame(finding).T.rename_axis("method").to_markdown(disable_numparse=True))
     checkpoints = [g for g in (epochs, 2 * epochs, 5 * epochs, 10 * epochs, 20 * epochs) if g <= grid[-1]]
     print("\nMedian best-so-far [IQR] at cumulative epochs:")
     print(pd.DataFrame({m: [f"{np.nanmedian(r[:, g - 1]):.4f} [{np.nanpercentile(r[:, g - 1], 25):.4f}-"

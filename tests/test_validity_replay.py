@@ -69,8 +69,16 @@ def test_a_replay_trains_the_budget_of_distinct_configs_and_tells_repeats_their_
         assert (t.state == TrialState.PRUNED) == (len(steps) < len(curve))
         if t.state == TrialState.PRUNED:
             assert len(steps) in (2, 6)  # the search's rungs: epoch 2, then 3x
+        if config_key(t.user_attrs["config"]) in replay.top_two and replay.first_top == epochs:
+            first_top = t.number
         epochs += len(steps)
     assert trace[-1][0] == epochs
+    # the table's top two configs: the first one trained, how many and how many stopped early
+    top = [t for t in trained if config_key(t.user_attrs["config"]) in replay.top_two]
+    best_two = sorted(table["hi"], reverse=True)[:2]
+    assert sorted((replay.lookup[k].hi for k in replay.top_two), reverse=True) == best_two
+    assert replay.top_proposed == len(top) and replay.top_stopped == sum(t.state == TrialState.PRUNED for t in top)
+    assert len(top) == 2 and first_top == top[0].number  # this seed trains both
     assert replay.stopped == sum(t.state == TrialState.PRUNED for t in trained) > 0
     assert replay.proposals == len(trials) == len(trained) + len(repeats) + replay.infeasible
 
