@@ -301,6 +301,7 @@ class Replay:
         from tokennas.train import TrainSettings
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the screens' QMC, group
         method, epochs = self.method, len(next(iter(self.lookup.values())).curve)
         sampler = S.make_sampler(method.sampler, self.seed, self.budget, **dict(method.tpe))
         if method.startup is not None or method.qmc:  # FeasibleStartup's, inside make_sampler's SkipTried
@@ -310,7 +311,6 @@ class Replay:
             if method.startup is not None:
                 startup.n_startup = method.startup
             if method.qmc:
-                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
                 startup.startup = optuna.samplers.QMCSampler(scramble=True, seed=self.seed,
                                                              warn_independent_sampling=False)
         self.study = study = optuna.create_study(direction="maximize", sampler=sampler,
