@@ -330,12 +330,14 @@ def markdown(rows: list[dict], parent_flops: int) -> str:
 
 
 # -- the differentiable strategy against the sampler's schedule and ToMe --
-def run_wall_seconds(run: Path, pause: float = 300.0) -> float:
+def run_wall_seconds(run: Path, pause: float = 300.0) -> float | None:
     """Wall-clock seconds of ``run``'s trials from its study.db (both studies): from the first trial's start to the
     last trial's end, less every gap over ``pause`` seconds between consecutive trial starts (a stopped and resumed
-    run's pause). The set-up before the first trial is not counted."""
+    run's pause). The set-up before the first trial is not counted. None when the run folder is not here."""
     import sqlite3
 
+    if not (run / "study.db").is_file():
+        return None
     with contextlib.closing(sqlite3.connect(run / "study.db")) as db:
         starts = [datetime.datetime.fromisoformat(r[0]) for r in
                   db.execute("SELECT datetime_start FROM trials WHERE datetime_start IS NOT NULL ORDER BY 1")]
@@ -401,8 +403,8 @@ def differentiable(args) -> None:
                         "MACs (% parent)": f"{count_flops(config) / count_flops(parent):.1%}",
                         "test acc": f"{hits.mean():.4f}",
                         "differentiable - it (95% CI)": f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]",
-                        "search wall time": f"{wall_other / 60:.0f} min (its trials, pauses left out)"
-                        if wall_other else ""})
+                        "search wall time": "" if name != "searched" else "not here (--compare-runs)"
+                        if wall_other is None else f"{wall_other / 60:.0f} min (its trials, pauses left out)"})
             rows.append({"share": share, "contender": label, "flops": count_flops(config),
                          "test_acc": float(hits.mean()), "diff": diff, "ci_low": low, "ci_high": high,
                          "wall_seconds": wall_other, "config": json.dumps(config.to_dict())})

@@ -71,6 +71,37 @@ def tiny_parent(tmp_path_factory):
     return train_tiny_parent(tmp_path_factory.mktemp("parent"), TRUNK)
 
 
+def test_each_learned_schedule_is_scored_as_learned_and_merged_alone():
+    """The candidates of a learning: per step, its expected counts as learned (pruned, then merged) and the same
+    per-block counts merged alone (ToMe's operator), distinct schedules, the last step's first, ``count`` at most."""
+    space = LayersSpace(trunk=TRUNK, budget=parent_macs() // 2)
+    inputs = Inputs(16, 1, 10)
+    rng, rows = random.Random(0), []
+    for step in range(1, 21):
+        tokens = 16
+        for block in range(TRUNK["depth"]):
+            pruned, merged = rng.uniform(0, 0.3) * tokens, rng.uniform(0, 0.2) * tokens
+            rows.append([step, block, tokens, pruned, merged, 0.0, 0.0])
+            tokens -= pruned + merged
+    rates = pd.DataFrame(rows, columns=differentiable.RATE_COLUMNS)
+    chosen = differentiable.candidates(rates, space, inputs, 6)
+    assert [label for label, _ in chosen[:2]] == ["learned", "learned, merged alone"]
+    assert len(chosen) == 6 and {label for label, _ in chosen[2:]} == {"learned, earlier step",
+                                                                       "learned, earlier step, merged alone"}
+    last = rates[rates["step"] == 20]
+    assert chosen[0][1] == differentiable.direction(last)
+    alone = chosen[1][1]
+    for row in last.itertuples():
+        assert alone[f"prune{row.block}"] == 0.0
+        assert alone[f"merge{row.block}"] == pytest.approx((row.pruned + row.merged) / row.tokens_in)
+    configs = [space.build(params, inputs) for _, params in chosen]
+    assert len({json.dumps(c.to_dict(), sort_keys=True) for c in configs}) == 6
+    for config, (label, _) in zip(configs, chosen, strict=True):  # merged alone: no block prunes a token
+        entering = (16, *config.keep_tokens[:-1])
+        assert (tuple(config.prune_tokens) == entering) == label.endswith("merged alone"), (label, config)
+    assert all(count_flops(c) <= parent_macs() // 2 for c in configs)
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tiny_parent, tmp_path_factory):
     """A differentiable search stopped after STOP_AT steps of learning (exit 1, the checkpoint kept), then resumed."""

@@ -19,10 +19,14 @@ learned by gradient on the frozen parent, in the spirit of DiffRate (Chen et al.
    (the sums of the soft masks), so the penalty pulls the expected MACs to the ``--flops`` budget.
 3. **Candidates.** The expected counts of a step give a direction of the ``layers`` space (per block the expected
    share of the tokens it receives that it prunes, and of the survivors that it merges), which the space projects
-   onto the budget like any proposal (the mildest schedule of that direction within the budget). ``--trials``
-   distinct schedules are taken from the learning: the last step's, and steps spread evenly before it (then the
-   latest others when those repeat one another); each is scored on the validation images as the frozen strategy
-   scores (the same ``score_stage``), beside ToMe's constant r. Should the learning give fewer distinct schedules
+   onto the budget like any proposal (the mildest schedule of that direction within the budget). Each step also
+   gives its counts *merged alone*: per block the same share of the tokens removed, all by merging (ToMe's operator),
+   because the learning sets the counts well and the split between pruning and merging badly (on ``fmnist-vit`` at
+   50%, the learned schedule scored 0.694 on validation and its counts merged alone 0.881; benchmarks/RESULTS.md).
+   ``--trials`` distinct schedules are taken from the learning, in pairs (as learned, merged alone): the last
+   step's, and steps spread evenly before it (then the latest others when those repeat one another); each is scored
+   on the validation images as the frozen strategy scores (the same ``score_stage``), beside ToMe's constant r, and
+   the validation score picks between them. Should the learning give fewer distinct schedules
    than ``--trials``, the sampler proposes the rest as in the frozen strategy.
 4. **Speed and fine-tuning** as in the frozen strategy (``measure_speed``, ``--finetune-epochs``).
 
@@ -155,6 +159,18 @@ def direction(rows: pd.DataFrame) -> dict[str, Any]:
     return params
 
 
+def merged_alone(rows: pd.DataFrame) -> dict[str, Any]:
+    """The same step's expected counts removed by merging alone: per block the share of the tokens it receives that
+    it prunes or merges, all of it merged (ToMe's operator); no attention sharing."""
+    params: dict[str, Any] = {}
+    for row in rows.itertuples():
+        params[f"prune{row.block}"] = 0.0
+        params[f"merge{row.block}"] = min(1.0, max(0.0, (row.pruned + row.merged) / row.tokens_in))
+        if row.block:
+            params[f"share{row.block}"] = False
+    return params
+
+
 def state_path(run_dir: Path) -> Path:
     return run_dir / "differentiable.pt"
 
@@ -219,22 +235,25 @@ def learn(ctx: StageContext) -> bool:
     return True
 
 
-def candidates(rates: pd.DataFrame, space, inputs, count: int) -> list[dict[str, Any]]:
-    """Up to ``count`` directions of distinct schedules: the last step's, steps spread evenly before it, then the
-    latest others."""
+def candidates(rates: pd.DataFrame, space, inputs, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """Up to ``count`` (label, direction) pairs of distinct schedules: of the last step's expected counts, of steps
+    spread evenly before it, then of the latest others, each as learned and with its counts merged alone."""
     from ...config import config_key
 
     steps = sorted(rates["step"].unique())
-    spread = [steps[round(i * (len(steps) - 1) / max(count - 1, 1))] for i in range(count)][::-1]
+    pairs = (count + 1) // 2
+    spread = [steps[round(i * (len(steps) - 1) / max(pairs - 1, 1))] for i in range(pairs)][::-1]
     seen, chosen = set(), []
     for step in dict.fromkeys(spread + steps[::-1]):
-        params = direction(rates[rates["step"] == step])
-        key = config_key(space.build(params, inputs))
-        if key not in seen:
-            seen.add(key)
-            chosen.append(params)
-        if len(chosen) == count:
-            break
+        rows = rates[rates["step"] == step]
+        when = "learned" if step == steps[-1] else "learned, earlier step"
+        for label, params in ((when, direction(rows)), (f"{when}, merged alone", merged_alone(rows))):
+            key = config_key(space.build(params, inputs))
+            if key not in seen:
+                seen.add(key)
+                chosen.append((label, params))
+            if len(chosen) == count:
+                return chosen
     return chosen
 
 
@@ -259,9 +278,8 @@ class Differentiable(Frozen):
         study = ctx.study
         if not study.user_attrs.get("learned_enqueued"):
             rates = pd.read_csv(ctx.run_dir / "rates.csv")
-            for i, params in enumerate(candidates(rates, ctx.prepared.space, ctx.prepared.inputs,
-                                                  ctx.settings.trials)):
-                study.enqueue_trial(params, user_attrs={"start": "learned" if i == 0 else "learned, earlier step"})
+            for label, params in candidates(rates, ctx.prepared.space, ctx.prepared.inputs, ctx.settings.trials):
+                study.enqueue_trial(params, user_attrs={"start": label})
             study.set_user_attr("learned_enqueued", True)
         if ctx.time_left():
             score_stage(ctx, self.stall, self.search_epochs(ctx.settings))
@@ -281,8 +299,9 @@ class Differentiable(Frozen):
                  f"on the frozen weights of --parent {settings.parent}: {settings.diff_steps} Adam steps at lr "
                  f"{settings.diff_lr}, batches of {settings.batch_size} training images, cross-entropy plus a penalty "
                  f"pulling the expected MACs to the budget ({learned}; rates.csv); the learned schedule and earlier "
-                 f"ones of the learning, each projected onto the budget, scored on the first {settings.score_images} "
-                 "validation images (`scored` in trials.csv)"]
+                 "ones of the learning, each as learned and with its per-block counts removed by merging alone, "
+                 f"projected onto the budget, scored on the first {settings.score_images} validation images "
+                 "(`scored` in trials.csv)"]
         if settings.finetune_epochs:
             lines.append(f"- re-ranking: the top {settings.retrain_top} and the reference fine-tuned from the "
                          f"parent's weights for {settings.finetune_epochs} epochs")
