@@ -42,7 +42,8 @@ by moving weight to each token's most similar token rather than by ToMe's bipart
 (the learned rates are run with ToMe's matching afterwards); the merge candidates are capped at half of the expected
 survivors (the bipartite limit the hard schedule has); the learned counts become a direction that the space projects
 onto the budget, so the exported schedule is within it by construction rather than by the penalty alone; and
-several schedules of the learning are scored on validation images, the best kept.
+several schedules of the learning, each also with its counts merged alone, are scored on validation images, the best
+kept.
 """
 
 from __future__ import annotations
