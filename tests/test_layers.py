@@ -261,3 +261,15 @@ def test_sampler_seed_repeats_a_search_on_a_parent_with_other_proposals(tiny_par
     assert "sampler_seed: 7\n" in (runs["other"] / "search.yaml").read_text()
     assert "seed: 0, sampler seed: 7" in (runs["other"] / "summary.md").read_text()
     assert "sampler seed" not in (runs["plain"] / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("option,value", [("--sampler-seed", "-1"), ("--seed", "-1"), ("--sampler-seed", "2147483648")])
+def test_a_seed_out_of_range_is_one_line_and_writes_nothing(option, value, tmp_path, capsys):
+    """Optuna takes seeds from 0 to 2**32 - 1, after the search adds its offsets: a seed outside 0..2**31 - 1 is
+    refused before the run folder exists."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--space", "psvit", "--flops", "30M", option, value, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert f"invalid {option} {value}; expected an integer from 0 to 2147483647" in err
+    assert not (tmp_path / "run").exists()

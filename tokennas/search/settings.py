@@ -20,6 +20,10 @@ from .studies import study as S
 SCHEDULERS = ("asha", "fifo")
 
 
+# seeds are offset by the trials so far (and a driver's process id) before Optuna takes them (at most 2**32 - 1)
+MAX_SEED = 2**31 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
     """Everything a search needs; stored as ``search.yaml`` in the run folder."""
@@ -96,6 +100,9 @@ class SearchSettings:
                                          f"{', '.join(S.SAMPLERS)}"),
             (self.scheduler in SCHEDULERS, f"invalid --scheduler {self.scheduler!r}; expected one of: "
                                            f"{', '.join(SCHEDULERS)}"),
+            *((0 <= value <= MAX_SEED, f"invalid --{name.replace('_', '-')} {value}; expected an integer from 0 to "
+               f"{MAX_SEED}") for name, value in (("seed", self.seed), ("sampler_seed", self.sampler_seed))
+              if value is not None),
             (self.batch_size >= 1, f"invalid --batch-size {self.batch_size}; expected at least 1"),
             (math.isfinite(self.lr) and self.lr > 0, f"invalid --lr {self.lr}; expected a positive number"),
             (self.max_failures >= 1, f"invalid --max-failures {self.max_failures}; expected at least 1"),
