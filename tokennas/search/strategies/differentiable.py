@@ -148,25 +148,16 @@ def soft_forward(net: Supernet, images: torch.Tensor, prune_logits: torch.Tensor
     return net.head(net.norm(x)[:, 0]), counts
 
 
-def direction(rows: pd.DataFrame) -> dict[str, Any]:
+def direction(rows: pd.DataFrame, merged_alone: bool = False) -> dict[str, Any]:
     """The ``layers`` direction of one step's expected counts: per block the share of the tokens it receives that it
-    prunes, and of the survivors that it merges; no attention sharing."""
+    prunes, and of the survivors that it merges; ``merged_alone``: the same tokens removed, all by merging (ToMe's
+    operator). No attention sharing."""
     params: dict[str, Any] = {}
     for row in rows.itertuples():
-        params[f"prune{row.block}"] = min(1.0, max(0.0, row.pruned / row.tokens_in))
-        params[f"merge{row.block}"] = min(1.0, max(0.0, row.merged / max(row.tokens_in - row.pruned, 1e-9)))
-        if row.block:
-            params[f"share{row.block}"] = False
-    return params
-
-
-def merged_alone(rows: pd.DataFrame) -> dict[str, Any]:
-    """The same step's expected counts removed by merging alone: per block the share of the tokens it receives that
-    it prunes or merges, all of it merged (ToMe's operator); no attention sharing."""
-    params: dict[str, Any] = {}
-    for row in rows.itertuples():
-        params[f"prune{row.block}"] = 0.0
-        params[f"merge{row.block}"] = min(1.0, max(0.0, (row.pruned + row.merged) / row.tokens_in))
+        pruned = 0.0 if merged_alone else row.pruned
+        merged = row.merged + row.pruned - pruned
+        params[f"prune{row.block}"] = min(1.0, max(0.0, pruned / row.tokens_in))
+        params[f"merge{row.block}"] = min(1.0, max(0.0, merged / max(row.tokens_in - pruned, 1e-9)))
         if row.block:
             params[f"share{row.block}"] = False
     return params
@@ -248,7 +239,7 @@ def candidates(rates: pd.DataFrame, space, inputs, count: int) -> list[tuple[str
     for step in dict.fromkeys(spread + steps[::-1]):
         rows = rates[rates["step"] == step]
         when = "learned" if step == steps[-1] else "learned, earlier step"
-        for label, params in ((when, direction(rows)), (f"{when}, merged alone", merged_alone(rows))):
+        for label, params in ((when, direction(rows)), (f"{when}, merged alone", direction(rows, merged_alone=True))):
             key = config_key(space.build(params, inputs))
             if key not in seen:
                 seen.add(key)
