@@ -50,7 +50,6 @@ from tokennas.flops import count_flops  # noqa: E402
 from tokennas.search.strategies.standalone import Standalone  # noqa: E402
 from tokennas.search.tune.searcher import BudgetSearcher  # noqa: E402
 from tokennas.spaces import Inputs  # noqa: E402
-from tokennas.spaces.base import ask  # noqa: E402
 from tokennas.spaces.psvit import PSViTSpace  # noqa: E402
 
 STALL = Standalone.stall  # the standalone search's stall count, so the replays do the same
@@ -154,16 +153,22 @@ class OrderedWidthsSpace(TableSpace):
 
     WIDTHS = DIMENSIONS["embed_dim"]
 
+    class _ByPosition:
+        """The trial as psvit's ``suggest`` sees it, the widths' categorical asked as an int position."""
+
+        def __init__(self, trial) -> None:
+            self.trial = trial
+
+        def __getattr__(self, name: str):
+            return getattr(self.trial, name)
+
+        def suggest_categorical(self, name: str, choices: list):
+            if name == "embed_dim":
+                return choices[self.trial.suggest_int(name, 0, len(choices) - 1)]
+            return self.trial.suggest_categorical(name, choices)
+
     def suggest(self, trial, inputs: Inputs):
-        params = {}
-        for name, choices in self.dimensions(inputs).items():
-            if name in self.unused(params, inputs):
-                params[name] = choices[0]
-            elif name == "embed_dim":
-                params[name] = choices[trial.suggest_int(name, 0, len(choices) - 1)]
-            else:
-                params[name] = ask(trial, name, choices)
-        return self.build(params, inputs)
+        return super().suggest(self._ByPosition(trial), inputs)
 
     def completed(self, asked: dict, inputs: Inputs):
         if "embed_dim" in asked:
