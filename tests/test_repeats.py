@@ -1,6 +1,7 @@
 """Repeats that teach, and a study index that answers like a scan: the searcher contract without a Ray cluster."""
 
 import json
+import pickle
 import random
 
 import optuna
@@ -308,3 +309,23 @@ def test_tpe_moves_a_tried_pick_to_the_nearest_untried_candidate(monkeypatch):
     assert len(keys) == len(set(keys)) == 60  # every scored candidate a distinct config
     order = space.dimensions(inputs)["candidate"]
     assert all(t.params["candidate"] in order for t in moved)
+
+
+def test_a_stop_is_not_held_up_by_a_sampler_that_keeps_repeating():
+    """A sampler that proposes one config forever, no fallback: without ``keep_going`` the second proposal would
+    never return. Once the run says stop (a signal, the time budget) ``suggest`` gives up with None, each repeat told
+    before it."""
+    space, inputs = get_space("psvit"), Inputs()
+    params = next(p for p in space.grid(inputs) if count_flops(space.build(p, inputs)) <= BUDGET)
+    sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler(seed=0))
+    study = S.open_study(optuna.storages.InMemoryStorage(), "acc", sampler, create=True)
+    asked = []
+    searcher = BudgetSearcher(study, space, inputs, BUDGET, max_epochs=1, stall=10**9, trials=10, feasible={},
+                              keep_going=lambda: asked.append(1) or len(asked) < 5)
+    first = searcher.suggest("0")
+    assert first is not None and first != Searcher.FINISHED
+    searcher.on_trial_complete("0", {"val_acc": 0.5, "epoch": 1})
+    assert searcher.suggest("1") is None
+    assert len(asked) == 5 and searcher.repeats == 5
+    assert all(t.state != TrialState.RUNNING for t in study.trials)  # every repeat was told, none left open
+    assert pickle.loads(pickle.dumps(searcher)).keep_going is None  # the run's callback stays with the run

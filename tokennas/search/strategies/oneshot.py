@@ -325,7 +325,8 @@ def score_stage(ctx: StageContext, stall: int, epochs: int) -> None:
                               trials=settings.trials, max_failures=settings.max_failures,
                               feasible=ctx.prepared.feasible, jobs=jobs,
                               seed=settings.proposal_seed + len(study.trials),
-                              latency=ctx.prepared.latency, latency_budget_ms=settings.latency)
+                              latency=ctx.prepared.latency, latency_budget_ms=settings.latency,
+                              keep_going=ctx.time_left)
     todo = max(0, settings.trials - trained_count(study))
     columns = [TextColumn("scoring on shared weights"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}")]

@@ -37,7 +37,7 @@ class Standalone:
         searcher = BudgetSearcher(ctx.study, ctx.prepared.space, ctx.prepared.inputs, settings.budget,
                                   settings.epochs, stall=self.stall, trials=settings.trials,
                                   max_failures=settings.max_failures, feasible=ctx.prepared.feasible, jobs=jobs,
-                                  seed=settings.proposal_seed + len(ctx.study.trials))
+                                  seed=settings.proposal_seed + len(ctx.study.trials), keep_going=ctx.time_left)
         scheduler = make_scheduler(settings.scheduler, settings.objective, settings.epochs,
                                    TrainSettings().warmup_epochs)
         run_stage(ctx, "search", searcher, settings.trials - trained_count(ctx.study) + len(jobs), scheduler)

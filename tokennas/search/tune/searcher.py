@@ -24,6 +24,7 @@ import logging
 import pickle
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +234,15 @@ class BudgetSearcher(RunsSearcher):
     """Optuna proposes, the analytic FLOPs count filters, Ray trains what fits and is new. ``stall``: over-budget
     or repeated proposals in a row after which the sampler is handed an untried feasible candidate (the
     strategy's ``stall``: it depends on what scoring a candidate costs). ``latency``: a ``LatencyModel`` that
-    predicts each proposal's latency (``latency_ms``); ``latency_budget_ms``: the most it may predict."""
+    predicts each proposal's latency (``latency_ms``); ``latency_budget_ms``: the most it may predict.
+    ``keep_going``: asked between the misses of one proposal (the run's ``time_left``); once it says no, ``suggest``
+    gives up the proposal (None), so a signal or the time budget is not held up by a sampler that keeps missing."""
 
     def __init__(self, study: optuna.Study, space: Space, inputs: Inputs, budget: int, max_epochs: int, *,
                  stall: int, trials: int = 1_000_000, max_failures: int = 1_000_000,
                  feasible: dict[str, dict] | None = None, jobs: list[dict[str, Any]] | None = None,
-                 seed: int = 0, latency: Any = None, latency_budget_ms: float | None = None) -> None:
+                 seed: int = 0, latency: Any = None, latency_budget_ms: float | None = None,
+                 keep_going: Callable[[], bool] | None = None) -> None:
         super().__init__(study, jobs, max_failures, max_epochs)
         self.space, self.inputs, self.budget, self.trials = space, inputs, budget, trials
         if latency_budget_ms is not None and latency is None:
@@ -247,12 +251,13 @@ class BudgetSearcher(RunsSearcher):
         # canonical config key -> parameters of every distinct feasible candidate, for when the sampler stalls
         self.feasible = feasible if feasible is not None else space.feasible(budget, inputs)[0]
         self.rng, self.stall = random.Random(seed), stall
-        self._next_poll = 0.0
+        self._next_poll, self.keep_going = 0.0, keep_going
         self.index = coordination.StudyIndex(study)  # built on the first proposal (a resumed study too)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("index")
+        state["keep_going"] = None  # the run's, not the searcher's: an unpickled one is not asked
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -314,6 +319,8 @@ class BudgetSearcher(RunsSearcher):
 
         misses = 0
         while True:
+            if misses and self.keep_going is not None and not self.keep_going():
+                return None  # stopped by a signal or the time budget while the sampler kept missing
             if misses and misses % self.stall == 0:
                 self._enqueue_untried()
             trial = coordination.take_turn(self.index, self.study.ask(), self.trials)
