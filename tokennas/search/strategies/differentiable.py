@@ -290,10 +290,11 @@ class Differentiable(Frozen):
         lines = [f"- strategy: differentiable (DiffRate-style); per-block prune and merge counts learned by gradient "
                  f"on the frozen weights of --parent {settings.parent}: {settings.diff_steps} Adam steps at lr "
                  f"{settings.diff_lr}, batches of {settings.batch_size} training images, cross-entropy plus a penalty "
-                 f"pulling the expected MACs to the budget ({learned}; rates.csv); the learned schedule and earlier "
-                 "ones of the learning, each as learned and with its per-block counts removed by merging alone, "
-                 f"projected onto the budget, scored on the first {settings.score_images} validation images "
-                 "(`scored` in trials.csv)"]
+                 f"pulling the expected MACs to the budget ({learned}; rates.csv); up to {settings.trials} distinct "
+                 "schedules of the learning (the last step's, then earlier steps'), in pairs: as learned, then with "
+                 "the same per-block counts removed by merging alone (a twin that repeats a schedule already taken, "
+                 "or past the count, is left out), projected onto the budget, scored on the first "
+                 f"{settings.score_images} validation images (`scored` in trials.csv)"]
         if settings.finetune_epochs:
             lines.append(f"- re-ranking: the top {settings.retrain_top} and the reference fine-tuned from the "
                          f"parent's weights for {settings.finetune_epochs} epochs")
