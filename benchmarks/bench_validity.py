@@ -22,9 +22,11 @@
    range, the compute each method needs to reach random search's median final best, and the paired replays (same
    seed) each method wins, ties and loses against random search and against the search's default method, marked
    ``(default)``. ``--variants`` adds cheap variants (first rung at epoch 1, a shorter TPE start-up); ``--screens``
-   the screens: TPE's settings (128 expected-improvement candidates, prior weight 0.5, two trials in the good group,
-   ``group=True``), ASHA's reduction factor 4, a QMC start-up, proposals restricted to the budget, the widths asked
-   in order.
+   the screens: TPE's settings (8 or 128 expected-improvement candidates, prior weight 0.5, two trials or a quarter
+   in the good group, ``group=True``, independent instead of multivariate), ASHA's reduction factor 4, a QMC
+   start-up, start-ups of 2 and 4, proposals restricted to the budget, the widths asked in order. And what the
+   compute target asks of any sampler: the epochs a search needs when it proposes the table's best config right
+   after its start-up, or after a few misses (``after_startup``).
 Writes ``benchmarks/replay.png`` and prints markdown tables for RESULTS.md.
 """
 
@@ -241,6 +243,11 @@ def two_good(n: int) -> int:
     return min(2, n)
 
 
+def a_quarter(n: int) -> int:
+    """TPE's good group: the best quarter of the trials, at least one and at most 25 (Optuna's default: a tenth)."""
+    return min(max(1, -(-n // 4)), 25)
+
+
 # screens (--screens): settings of TPE and ASHA, other start-ups, encodings and proposal rules; none is adopted
 SCREENS = (Method("tpe+asha rf4", "tpe", "asha", reduction_factor=4),
            Method("tpe+asha ei128", "tpe", "asha", tpe=(("n_ei_candidates", 128),)),
@@ -249,7 +256,12 @@ SCREENS = (Method("tpe+asha rf4", "tpe", "asha", reduction_factor=4),
            Method("tpe+asha group", "tpe", "asha", tpe=(("group", True),)),
            Method("tpe+asha qmc", "tpe", "asha", qmc=True),
            Method("tpe+asha feasible", "tpe", "asha", feasible=True),
-           Method("tpe+asha ordered", "tpe", "asha", ordered=True))
+           Method("tpe+asha ordered", "tpe", "asha", ordered=True),
+           Method("tpe+asha indep", "tpe", "asha", tpe=(("multivariate", False),)),
+           Method("tpe+asha quarter", "tpe", "asha", tpe=(("gamma", a_quarter),)),
+           Method("tpe+asha ei8", "tpe", "asha", tpe=(("n_ei_candidates", 8),)),
+           Method("tpe+asha s2", "tpe", "asha", startup=2),
+           Method("tpe+asha s4", "tpe", "asha", startup=4))
 
 
 def is_default(method: Method) -> bool:
@@ -400,6 +412,48 @@ def table_lookup(table: pd.DataFrame) -> tuple[dict, dict]:
     return lookup, feasible
 
 
+def after_startup(table: pd.DataFrame, target: float, startup: int, misses: int, seeds: range) -> float:
+    """What a compute target asks of any sampler: the median cumulative epochs (over ``seeds``) until a config at
+    or above ``target`` has trained to its last epoch, for a search that proposes ``startup`` random feasible
+    configs (as the search's start-up does), then ``misses`` more below the target, then the table's best, every one
+    under the search's ASHA (as ``make_scheduler`` builds it). A start-up that finds such a config ends it early. No
+    sampler with that start-up and at most ``misses`` misses after it reaches the target for less."""
+    import random
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tokennas.search.tune.schedulers import make_scheduler
+    from tokennas.train import TrainSettings
+
+    lookup, _ = table_lookup(table)
+    keys, best = sorted(lookup), max(lookup, key=lambda key: lookup[key].hi)
+    spent = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        np.random.seed(seed)  # Ray's ASHA draws its bracket from numpy's global generator, as in a replay
+        scheduler = make_scheduler("asha", "acc", len(lookup[best].curve), TrainSettings().warmup_epochs)
+        scheduler.set_search_properties("val_acc", "max")
+        first = rng.sample(keys, startup)
+        below = [key for key in keys if lookup[key].hi < target and key not in first]
+        epochs, reached = 0, np.inf
+        for number, key in enumerate(first + rng.sample(below, misses) + [best]):
+            trial = Trial("__fake", config={}, trial_id=f"bound_{number}", stub=True)
+            scheduler.on_trial_add(None, trial)
+            curve = lookup[key].curve
+            for epoch, acc in enumerate(curve, start=1):
+                result = {"epoch": epoch, "training_iteration": epoch, "val_acc": float(acc), "time_total_s": 0.0}
+                if scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP or epoch == len(curve):
+                    scheduler.on_trial_complete(None, trial, result)
+                    break
+            epochs += epoch
+            if epoch == len(curve) and lookup[key].hi >= target:
+                reached = epochs
+                break
+        spent.append(reached)  # inf: ASHA stopped every config at the target, the table's best among them
+    return float(np.median(spent))
+
+
 def best_at(trace: list[tuple[int, float]], grid: np.ndarray) -> np.ndarray:
     epochs = np.array([e for e, _ in trace])
     bests = np.array([b for _, b in trace])
@@ -496,6 +550,18 @@ def main() -> None:
           f"one trial at a time; "
           f"target = random's median final best {target:.4f})")
     print(pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True))
+    from tokennas.search.studies.study import make_sampler
+
+    startup = make_sampler("tpe", 0, args.budget).sampler.n_startup  # SkipTried around FeasibleStartup
+    seeds = range(args.first_seed, args.first_seed + args.replays)
+    bounds = pd.DataFrame({f"start-up {n}" + (" (the search's)" if n == startup else ""):
+                           [f"{e:.0f} ({e / random_reach:.2f}x)" for e in
+                            (after_startup(table, target, n, misses, seeds) for misses in range(4))]
+                           for n in sorted({startup, 3})}, index=pd.Index(range(4), name="misses after it"))
+    print(f"\nWhat reaching random's median final best asks of any sampler: median epochs (and against random's "
+          f"{random_reach}) until a config at the target has trained, when the table's best is proposed after a "
+          "random start-up and some misses below the target, under ASHA:")
+    print(bounds.to_markdown(disable_numparse=True))
     print("\nFinding the table's top two configs (the first proposed: cumulative epochs spent before it):")
     print(pd.DataFrame(finding).T.rename_axis("method").to_markdown(disable_numparse=True))
     checkpoints = [g for g in (epochs, 2 * epochs, 5 * epochs, 10 * epochs, 20 * epochs) if g <= grid[-1]]

@@ -124,8 +124,9 @@ def test_a_shorter_start_up_reaches_the_sampler_under_skiptried(bench, table):
 
 def test_the_screens_change_what_they_name(bench, table):
     """Each screen (`--screens`) reaches the piece it names, in a replay that still trains the budget of distinct
-    table configs: TPE's arguments reach the sampler, the QMC start-up replaces the random one, the widths are asked
-    in order, the feasible-only proposals tell fewer over-budget points, and ASHA cuts at its reduction factor."""
+    table configs: TPE's arguments reach the sampler, the start-up counts reach its start-up, the QMC start-up
+    replaces the random one, the widths are asked in order, the feasible-only proposals tell fewer over-budget
+    points, and ASHA cuts at its reduction factor."""
     import optuna
 
     replays = {m.label: bench.Replay(table, m, seed=0, budget=12, rung=2) for m in bench.SCREENS}
@@ -136,6 +137,9 @@ def test_the_screens_change_what_they_name(bench, table):
     assert model["tpe+asha ei128"]._n_ei_candidates == 128 and model["tpe+asha"]._n_ei_candidates == 24
     assert model["tpe+asha prior0.5"]._parzen_estimator_parameters.prior_weight == 0.5
     assert model["tpe+asha good2"]._gamma is bench.two_good and model["tpe+asha group"]._group
+    assert model["tpe+asha quarter"]._gamma is bench.a_quarter and model["tpe+asha ei8"]._n_ei_candidates == 8
+    assert not model["tpe+asha indep"]._multivariate and model["tpe+asha"]._multivariate
+    assert [replays[f"tpe+asha s{n}"].study.sampler.sampler.n_startup for n in (2, 4)] == [2, 4]
     startup = {label: r.study.sampler.sampler.startup for label, r in replays.items()}
     assert isinstance(startup["tpe+asha qmc"], optuna.samplers.QMCSampler)
     assert isinstance(startup["tpe+asha"], optuna.samplers.RandomSampler)
@@ -147,3 +151,15 @@ def test_the_screens_change_what_they_name(bench, table):
     assert bench.is_default(method(bench, "tpe+asha")) and not any(bench.is_default(m) for m in bench.SCREENS)
     with pytest.raises(ValueError, match="TPESampler arguments"):
         S.make_sampler("random", 0, 8, group=True)
+
+
+def test_what_the_compute_target_asks_of_an_oracle(bench, table):
+    """`after_startup`: the table's best proposed first trains all 8 epochs (ASHA lets its first trial through);
+    every random start-up and every miss before it costs epochs, and a config at the target ends the count."""
+    best = table["hi"].max()
+    seeds = range(30)
+    assert bench.after_startup(table, best, 0, 0, seeds) == 8
+    costs = [bench.after_startup(table, best, 6, misses, seeds) for misses in range(4)]
+    assert 8 < costs[0] <= costs[1] <= costs[2] <= costs[3] < float("inf")
+    # a lower target is reached no later: the start-up may already hold a config at it
+    assert bench.after_startup(table, table["hi"].median(), 6, 0, seeds) < costs[0]
