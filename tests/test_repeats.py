@@ -311,6 +311,7 @@ def test_tpe_moves_a_tried_pick_to_the_nearest_untried_candidate(monkeypatch):
     assert all(t.params["candidate"] in order for t in moved)
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler
 def test_a_stop_is_not_held_up_by_a_sampler_that_keeps_repeating():
     """A sampler that proposes one config forever, no fallback: without ``keep_going`` the second proposal would
     never return. Once the run says stop (a signal, the time budget) ``suggest`` gives up with None, each repeat told
