@@ -310,7 +310,6 @@ class Replay:
         """(cumulative epochs, best final accuracy so far) after each trained candidate."""
         import optuna
         from ray.tune.experiment import Trial
-        from ray.tune.schedulers import TrialScheduler
 
         from tokennas.config import config_key
         from tokennas.search.studies import study as S
@@ -354,23 +353,13 @@ class Replay:
                 raise RuntimeError(f"{method.label} replay, seed {self.seed}: the searcher suggested nothing")
             key = config_key(suggestion["config"])
             curve = self.lookup[key].curve
-            trial = Trial("__fake", config=suggestion, trial_id=trial_id, stub=True)
-            if scheduler is not None:
-                scheduler.on_trial_add(None, trial)
-            for epoch, acc in enumerate(curve, start=1):
-                result = {"epoch": epoch, "training_iteration": epoch, "val_acc": float(acc), "time_total_s": 0.0}
-                stop = epoch == len(curve)
-                if scheduler is not None:
-                    stop = scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP or stop
-                if not stop:
-                    searcher.on_trial_result(trial_id, result)
-                    if method.stopper in ("sha", "hyperband"):
-                        stop = searcher.live[trial_id].should_prune()
-                if stop:
-                    if scheduler is not None:
-                        scheduler.on_trial_complete(None, trial, result)
-                    searcher.on_trial_complete(trial_id, result)
-                    break
+            def report(result: dict, trial_id: str = trial_id) -> bool:
+                searcher.on_trial_result(trial_id, result)
+                return method.stopper in ("sha", "hyperband") and searcher.live[trial_id].should_prune()
+
+            epoch, result = play(curve, scheduler, Trial("__fake", config=suggestion, trial_id=trial_id, stub=True),
+                                 report)
+            searcher.on_trial_complete(trial_id, result)
             if key in self.top_two:
                 self.first_top = epochs_used if self.first_top is None else self.first_top
                 self.top_proposed += 1
@@ -386,6 +375,29 @@ class Replay:
             raise RuntimeError(f"{method.label} replay, seed {self.seed}: {len(trace)} of {self.budget} candidates "
                                f"trained in {self.proposals} proposals")
         return trace
+
+
+def play(curve, scheduler, trial, report=None) -> tuple[int, dict]:
+    """``trial`` trains by its table ``curve``, one epoch per result, in the order Ray's ``TuneController`` calls:
+    the scheduler (None: FIFO) first; while it goes on, ``report(result)`` (the searcher's ``on_trial_result``;
+    True when a pruner stops the trial). At the end the scheduler's ``on_trial_complete``. Returns the last epoch
+    and its result."""
+    from ray.tune.schedulers import TrialScheduler
+
+    if scheduler is not None:
+        scheduler.on_trial_add(None, trial)
+    for epoch, acc in enumerate(curve, start=1):
+        result = {"epoch": epoch, "training_iteration": epoch, "val_acc": float(acc), "time_total_s": 0.0}
+        stop = epoch == len(curve)
+        if scheduler is not None:
+            stop = scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP or stop
+        if not stop and report is not None:
+            stop = report(result)
+        if stop:
+            if scheduler is not None:
+                scheduler.on_trial_complete(None, trial, result)
+            return epoch, result
+    raise ValueError("an empty curve")
 
 
 _LOOKUPS: dict[int, tuple[dict, dict]] = {}
@@ -416,12 +428,12 @@ def after_startup(table: pd.DataFrame, target: float, startup: int, misses: int,
     """What a compute target asks of any sampler: the median cumulative epochs (over ``seeds``) until a config at
     or above ``target`` has trained to its last epoch, for a search that proposes ``startup`` random feasible
     configs (as the search's start-up does), then ``misses`` more below the target, then the table's best, every one
-    under the search's ASHA (as ``make_scheduler`` builds it). A start-up that finds such a config ends it early. No
-    sampler with that start-up and at most ``misses`` misses after it reaches the target for less."""
+    under the search's ASHA (as ``make_scheduler`` builds it). A start-up that finds such a config ends it early.
+    The misses are drawn at random, so this is what a sampler with that start-up and as many typical misses needs,
+    not a strict bound: one whose misses ASHA stops sooner (at epoch 2 rather than 6 or 8) would spend less."""
     import random
 
     from ray.tune.experiment import Trial
-    from ray.tune.schedulers import TrialScheduler
 
     from tokennas.search.tune.schedulers import make_scheduler
     from tokennas.train import TrainSettings
@@ -438,14 +450,8 @@ def after_startup(table: pd.DataFrame, target: float, startup: int, misses: int,
         below = [key for key in keys if lookup[key].hi < target and key not in first]
         epochs, reached = 0, np.inf
         for number, key in enumerate(first + rng.sample(below, misses) + [best]):
-            trial = Trial("__fake", config={}, trial_id=f"bound_{number}", stub=True)
-            scheduler.on_trial_add(None, trial)
             curve = lookup[key].curve
-            for epoch, acc in enumerate(curve, start=1):
-                result = {"epoch": epoch, "training_iteration": epoch, "val_acc": float(acc), "time_total_s": 0.0}
-                if scheduler.on_trial_result(None, trial, result) == TrialScheduler.STOP or epoch == len(curve):
-                    scheduler.on_trial_complete(None, trial, result)
-                    break
+            epoch, _ = play(curve, scheduler, Trial("__fake", config={}, trial_id=f"bound_{number}", stub=True))
             epochs += epoch
             if epoch == len(curve) and lookup[key].hi >= target:
                 reached = epochs
