@@ -329,8 +329,10 @@ class Replay:
             if method.qmc:
                 startup.startup = optuna.samplers.QMCSampler(scramble=True, seed=self.seed,
                                                              warn_independent_sampling=False)
-        self.study = study = optuna.create_study(direction="maximize", sampler=sampler,
-                                                 pruner=method.pruner(epochs, self.rung))
+        # named by the seed: Optuna's HyperbandPruner puts a trial in a bracket by a hash of the study's name and the
+        # trial's number, and an unnamed study gets a random name, so the brackets changed from run to run
+        self.study = study = optuna.create_study(study_name=f"replay-{self.seed}", direction="maximize",
+                                                 sampler=sampler, pruner=method.pruner(epochs, self.rung))
         searcher = (FeasibleOnlySearcher if method.feasible else BudgetSearcher)(
             study, self.space, self.inputs, BUDGET, epochs, stall=self.stall, trials=self.budget,
             feasible=self.feasible, seed=self.seed)

@@ -100,6 +100,14 @@ def test_optunas_hyperband_pruner_stops_candidates_in_the_replay(bench, table):
     assert replay.stopped == len(pruned) > 0
     assert all(max(t.intermediate_values) < 8 for t in pruned)
     assert len(trace) == 12 and trace[-1][0] < 12 * 8
+    # the same seed replays the same search: Hyperband's brackets hash the study's name, which the seed sets
+    again = bench.Replay(table, method(bench, "tpe+hyperband"), seed=0, budget=12, rung=2)
+    assert again.run() == trace
+
+    def brackets(r):
+        return [r.study.pruner._get_bracket_id(r.study, t) for t in r.study.trials]
+
+    assert brackets(again) == brackets(replay) and len(set(brackets(replay))) > 1
 
 
 def test_the_default_method_is_the_searchs(bench):
